@@ -1,0 +1,3 @@
+"""quantflow: full-precision checkpoint -> validated, quantized model served on vLLM."""
+
+__version__ = "0.1.0"

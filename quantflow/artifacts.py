@@ -1,0 +1,50 @@
+"""Read stage outputs back from the artifact store, verifying them against their manifests.
+
+One home for this so that no stage imports another stage's module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from quantflow.errors import StageError
+from quantflow.manifests import CalibrationManifest, QuantizedManifest
+from quantflow.store import ArtifactStore, digest_of, read_uri, tree_sha256
+
+
+def load_calibration(manifest: CalibrationManifest, stage: str) -> torch.Tensor:
+    ids = torch.load(io.BytesIO(read_uri(manifest.uri)))["input_ids"]
+    if digest_of(ids.tolist()) != manifest.sha256:
+        raise StageError(stage, f"{manifest.uri} does not match its manifest (changed on disk)",
+                         "re-run the pipeline; the calibration stage rebuilds it")
+    return ids
+
+
+def split_uri(uri: str) -> tuple[ArtifactStore, str]:
+    """(store of the parent folder, name) for a folder URI."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return ArtifactStore(parent or "."), name
+
+
+def fetch_quantized(manifest: QuantizedManifest, stage: str) -> Path:
+    """Local folder of the quantized checkpoint, with every file's sha256 re-checked."""
+    store, name = split_uri(manifest.uri)
+    if not store.exists(name):
+        raise StageError(stage, f"quantized checkpoint {manifest.uri} is missing",
+                         "re-run the pipeline; the quantize stage rebuilds it")
+    local = store.fetch_dir(name, expected=manifest.files)
+    found = tree_sha256(local)
+    if found != manifest.files:
+        changed = sorted(set(found.items()) ^ set(manifest.files.items()))
+        raise StageError(stage, f"quantized checkpoint {manifest.uri} differs from what the "
+                         f"quantize stage wrote ({', '.join(sorted({c[0] for c in changed})[:5])})",
+                         "re-run the pipeline from the quantize stage (delete the folder)")
+    return local
+
+
+def read_json_uri(uri: str) -> dict:
+    return json.loads(read_uri(uri))

@@ -1,0 +1,206 @@
+"""quantflow command line.
+
+    quantflow run --model <hub id or path> --method gptq --bits 4 [--config FILE]
+                  [--output-dir DIR] [--no-deploy]
+    quantflow demo          build the demo model (once) and run configs/demo.yaml
+    quantflow stop          stop what the demo started (vLLM servers, exporter, Prefect server)
+
+Exit codes of `run`/`demo`: 0 completed (deployed unless --no-deploy), 2 the quality gate
+rejected the model (nothing deployed), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from quantflow.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_GATE = 0, 1, 2
+DEMO_CONFIG = Path("configs/demo.yaml")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {"model.id": args.model, "quant.method": args.method, "quant.bits": args.bits,
+            "quant.group_size": args.group_size, "output_dir": args.output_dir, "name": args.name,
+            "deploy.enabled": False if args.no_deploy else None}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "asyncio", "matplotlib", "datasets",
+                  "llmcompressor", "lm_eval", "lm-eval"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    # llm-compressor repeats "No accelerator available!" per layer on CPU machines.
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "INFO" if verbose else "ERROR")
+
+
+def run_pipeline(config, show_completion: bool = True) -> int:
+    from quantflow.flows.pipeline import GATE_STATE, REJECTED_STATE, quantize_pipeline
+    from quantflow.prefect_server import prefect_api, ui_url
+    from quantflow.store import ArtifactStore
+
+    with prefect_api() as api_url:
+        print(f"Prefect UI: {ui_url(api_url)}", flush=True)
+        state = quantize_pipeline(config=config, return_state=True)
+    store = ArtifactStore(config.output_uri)
+    summary = store.read_json("pipeline_summary.json") if store.exists("pipeline_summary.json") else {}
+    _print_summary(summary, state)
+    if state.is_completed():
+        if show_completion and summary.get("endpoint"):
+            _print_completion(config, summary)
+        return EXIT_OK
+    if state.name in (GATE_STATE, REJECTED_STATE):
+        return EXIT_GATE
+    try:
+        state.result()
+    except Exception as err:  # noqa: BLE001 - the message names the stage and the cause
+        stage = getattr(err, "stage", None) or summary.get("failed_stage") or "pipeline"
+        print(f"\nFAILED in stage {stage}: {err}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _print_summary(summary: dict, state) -> None:
+    if not summary:
+        return
+    print("\n=== quantflow:", summary.get("name"), "—", summary.get("method"), "===")
+    for stage, rec in summary.get("stages", {}).items():
+        hit = "cached" if rec["cache_hit"] else "ran"
+        mem = f", peak RSS {rec['peak_rss_mib']:.0f} MiB" if rec.get("peak_rss_mib") else ""
+        print(f"  {stage:<12} {hit:<7} {rec['wall_s']:8.2f}s{mem}")
+    ppl = summary.get("perplexity")
+    if ppl:
+        print(f"  perplexity   baseline {ppl['baseline']:.4f} -> quantized {ppl['quantized']:.4f} "
+              f"({ppl['delta_pct']:+.2f}%)")
+    size = summary.get("size")
+    if size:
+        print(f"  size         {size['baseline_bytes'] / 1e6:.2f} MB -> {size['quantized_bytes'] / 1e6:.2f} MB "
+              f"({size['ratio']:.2f}x)")
+    verdict = summary.get("verdict")
+    if verdict:
+        print(f"  verdict      {verdict.upper()}" + ("" if verdict == "pass" else f"  ({state.message})"))
+    if summary.get("endpoint"):
+        print(f"  endpoint     {summary['endpoint']}/v1 (model {summary['served_model_name']!r})")
+    if summary.get("metrics_url"):
+        print(f"  metrics      {summary['metrics_url']}")
+    print(f"  outputs      {summary.get('output_uri')}  "
+          f"(total {summary.get('total_wall_s', 0):.1f}s, {summary.get('wall_s_excluding_deploy', 0):.1f}s "
+          "without deploy)")
+
+
+def _print_completion(config, summary: dict) -> None:
+    from quantflow.serving.health import CompletionsClient
+
+    prompt = config.deploy.health.prompt
+    key = os.environ.get(config.deploy.api_key_env)
+    client = CompletionsClient(summary["endpoint"], summary["served_model_name"], key)
+    try:
+        done = client.complete(prompt, 16)
+    finally:
+        client.close()
+    print(f"  completion   {prompt!r} -> {done.text!r}")
+    auth = f' -H "Authorization: Bearer ${config.deploy.api_key_env}"' if key else ""
+    print(f"  try it       curl -s {summary['endpoint']}/v1/completions{auth} -H 'Content-Type: "
+          f"application/json' -d '{{\"model\": \"{summary['served_model_name']}\", \"prompt\": "
+          f"\"{prompt}\", \"max_tokens\": 16, \"temperature\": 0}}'")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from quantflow.config import load_config
+
+    config = load_config(args.config, _overrides(args))
+    return run_pipeline(config)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from quantflow.config import load_config
+    from quantflow.demo.assets import build_demo_assets
+
+    build_demo_assets()
+    return run_pipeline(load_config(args.config or DEMO_CONFIG, _overrides(args)))
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from quantflow.monitoring.exporter_process import stop_exporter
+    from quantflow.prefect_server import stop_local_server
+    from quantflow.serving.registry import DeploymentRegistry
+    from quantflow.tasks.deploy import stop_record
+
+    registry = DeploymentRegistry()
+    for name in registry.names():
+        record = registry.active(name)
+        if record and record.get("backend", "local") == "local":
+            stop_record(record)
+            registry.clear(name)
+            print(f"stopped vLLM server {name} ({record['base_url']})")
+    if stop_exporter():
+        print("stopped the metrics exporter")
+    if not args.keep_prefect and stop_local_server():
+        print("stopped the local Prefect server")
+    return EXIT_OK
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from quantflow.flows.monitoring import quality_monitor
+    from quantflow.prefect_server import prefect_api
+
+    with prefect_api():
+        state = quality_monitor(deployment=args.deployment, load_requests=args.load,
+                                return_state=True)
+    result = state.result(raise_on_failure=False)
+    if not state.is_completed():
+        print(f"monitor failed: {state.message}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.deployment}: quality {result['quality_score']:.2f}, alerts {len(result['alerts'])}, "
+          f"p99 {result['p99_latency_s']}")
+    return EXIT_GATE if result["alerts"] else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantflow", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, helptext in (("run", cmd_run, "run the pipeline"),
+                               ("demo", cmd_demo, "build the demo model and run configs/demo.yaml")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--config", help="pipeline YAML (flags below override it)")
+        p.add_argument("--model", help="hub id or local checkpoint folder")
+        p.add_argument("--method", help="gptq, awq, rtn, fp8, w8a8, w8a16, nvfp4, mxfp4, recipe, prequantized")
+        p.add_argument("--bits", type=int)
+        p.add_argument("--group-size", type=int)
+        p.add_argument("--name", help="run name (output folder, served model name)")
+        p.add_argument("--output-dir", help="local folder or s3://bucket/prefix")
+        p.add_argument("--no-deploy", action="store_true", help="stop after validation")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("stop", help="stop servers the demo started")
+    p.add_argument("--keep-prefect", action="store_true", help="leave the Prefect server running")
+    p.set_defaults(fn=cmd_stop)
+    p = sub.add_parser("monitor", help="one monitoring round against a deployment")
+    p.add_argument("--deployment", default="demo")
+    p.add_argument("--load", type=int, default=0, help="also send N concurrent completions")
+    p.set_defaults(fn=cmd_monitor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Configuration models. Every model forbids unknown keys."""
+
+from quantflow.config.model import CalibrationConfig, ModelSpec, TextSource
+from quantflow.config.pipeline import PipelineConfig, build_config, load_config
+from quantflow.config.placement import PlacementConfig
+from quantflow.config.quant import QuantConfig
+from quantflow.config.serving import CompletionCheck, DeployConfig, KubernetesTarget, MonitorConfig
+from quantflow.config.validation import (ConsistencyCheck, LmEvalCheck, LmEvalTask,
+                                         PerplexityCheck, ValidationConfig)
+
+__all__ = ["CalibrationConfig", "CompletionCheck", "ConsistencyCheck", "DeployConfig",
+           "KubernetesTarget", "LmEvalCheck", "LmEvalTask", "ModelSpec", "MonitorConfig",
+           "PerplexityCheck", "PipelineConfig", "PlacementConfig", "QuantConfig", "TextSource",
+           "ValidationConfig", "build_config", "load_config"]

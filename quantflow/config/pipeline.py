@@ -1,0 +1,91 @@
+"""The whole pipeline's configuration: one YAML file, overridable from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from quantflow.config.base import StrictModel
+from quantflow.config.model import CalibrationConfig, ModelSpec
+from quantflow.config.placement import PlacementConfig
+from quantflow.config.quant import QuantConfig
+from quantflow.config.serving import DeployConfig, MonitorConfig
+from quantflow.config.validation import ValidationConfig
+from quantflow.errors import ConfigError
+
+
+class PipelineConfig(StrictModel):
+    # Names the run's output folder, Prefect artifacts and served model.
+    name: str = Field(default="quantflow", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    # Local folder or s3://bucket/prefix for every artifact; default runs/<name>.
+    output_dir: str | None = None
+    model: ModelSpec
+    calibration: CalibrationConfig = CalibrationConfig()
+    quant: QuantConfig = QuantConfig()
+    validation: ValidationConfig = ValidationConfig()
+    deploy: DeployConfig = DeployConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    placement: PlacementConfig = PlacementConfig()
+
+    @property
+    def output_uri(self) -> str:
+        return self.output_dir or f"runs/{self.name}"
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt? see the configs/ examples for the valid keys)"
+        elif e["type"] == "missing":
+            msg = "required"
+        problems.append(f"{where}: {msg}" if where and not msg.startswith(where) else msg)
+    return problems
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError("command line", [f"{dotted}: {key} is not a section"])
+    node[leaf] = value
+
+
+def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None,
+                 source: str = "parameters") -> PipelineConfig:
+    data = dict(data)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source, format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a YAML config (optional) and apply dotted overrides like {"quant.bits": 3}."""
+    data: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(str(p), ["file not found: pass an existing YAML file to --config"])
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(str(p), [f"not valid YAML: {err}"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(str(p), ["the top level must be a mapping of sections"])
+        data, source = loaded, str(p)
+    if "model" not in data and not (overrides or {}).get("model.id"):
+        raise ConfigError(source, ["model.id: required (pass --model <hub id or path>)"])
+    return build_config(data, overrides, source)

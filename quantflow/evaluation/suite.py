@@ -1,0 +1,76 @@
+"""Run every enabled check on one model; used identically for baseline and candidate."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantflow.config import DeployConfig, ValidationConfig
+from quantflow.evaluation.consistency import greedy_generations, next_token_logprobs
+from quantflow.evaluation.loading import load_for_eval
+from quantflow.evaluation.perplexity import perplexity
+from quantflow.store import ArtifactStore, read_uri
+from quantflow.textdata import joined_text, load_documents
+
+log = logging.getLogger("quantflow.evaluate")
+
+
+def heldout_text(validation: ValidationConfig, stage: str) -> str:
+    docs = load_documents(validation.perplexity.source, stage, "validation.perplexity.source")
+    return joined_text(docs)
+
+
+def evaluate_model(model_dir: str | Path, validation: ValidationConfig, store: ArtifactStore,
+                   name: str, stage: str, serving: DeployConfig | None = None) -> dict[str, Any]:
+    """Metrics for one model; next-token log-probs go to `{name}_logprobs.pt` in the store."""
+    metrics: dict[str, Any] = {}
+    model, tok = load_for_eval(model_dir, validation.dtype, validation.device)
+    text = heldout_text(validation, stage) if (validation.perplexity.enabled
+                                               or validation.consistency.enabled) else ""
+    ppl_cfg = validation.perplexity
+    if ppl_cfg.enabled:
+        log.info("%s: perplexity (window %d, stride %s)", name, ppl_cfg.window, ppl_cfg.stride or "=window")
+        res = perplexity(model, tok, [text], window=ppl_cfg.window, stride=ppl_cfg.stride,
+                         batch_size=ppl_cfg.batch_size, max_tokens=ppl_cfg.max_tokens,
+                         progress=lambda i, n: log.debug("%s: perplexity window %d/%d", name, i, n))
+        metrics["perplexity"] = res.as_dict()
+        log.info("%s: perplexity %.4f over %d tokens", name, res.perplexity, res.tokens)
+    cons = validation.consistency
+    if cons.enabled:
+        gens = greedy_generations(model, tok, cons.prompts, cons.max_new_tokens)
+        metrics["generations"] = {"prompts": cons.prompts, "token_ids": gens,
+                                  "texts": [tok.decode(g) for g in gens]}
+        lp = next_token_logprobs(model, tok, text, cons.kl_tokens, ppl_cfg.window)
+        buf = io.BytesIO()
+        torch.save(lp, buf)
+        rel = f"{name}_logprobs.pt"
+        store.write_bytes(rel, buf.getvalue())
+        metrics["logprobs"] = {"uri": store.uri(rel), "tokens": lp.shape[0], "vocab": lp.shape[1]}
+    if validation.lm_eval.enabled:
+        metrics["lm_eval"] = _lm_eval(model, tok, str(model_dir), validation, serving)
+    del model
+    return metrics
+
+
+def _lm_eval(model, tok, model_dir: str, validation: ValidationConfig,
+             serving: DeployConfig | None) -> dict:
+    from quantflow.evaluation.lmeval import run_lm_eval
+
+    check = validation.lm_eval
+    max_length = check.max_length
+    if check.backend == "local-completions":
+        from quantflow.serving.temporary import temporary_server
+
+        cfg = serving or DeployConfig()
+        cfg = cfg.model_copy(update={"dtype": validation.dtype})
+        with temporary_server(model_dir, cfg, max_model_len=(max_length or 2048) + 2) as endpoint:
+            return run_lm_eval(check, model_dir=model_dir, max_length=max_length, endpoint=endpoint)
+    return run_lm_eval(check, model=model, tokenizer=tok, model_dir=model_dir, max_length=max_length)
+
+
+def load_logprobs(uri: str) -> torch.Tensor:
+    return torch.load(io.BytesIO(read_uri(uri)))

@@ -1,0 +1,42 @@
+"""Send a stage to a work pool (as a run of the quantflow-stage deployment) and wait."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quantflow.errors import StageError
+from quantflow.flows.stages import STAGE_DEPLOYMENT, jsonable
+from quantflow.store import ArtifactStore
+
+log = logging.getLogger("quantflow.pipeline")
+
+
+def deployment_name(pool: str) -> str:
+    return f"{STAGE_DEPLOYMENT}/{pool}"
+
+
+def dispatch_stage(stage: str, pool: str, output_uri: str, kwargs: dict[str, Any], refresh: bool,
+                   timeout_s: float) -> dict[str, Any]:
+    from prefect.concurrency.sync import concurrency
+    from prefect.deployments import run_deployment
+
+    log.info("%s: dispatching to work pool %s", stage, pool)
+    # One slot of the pool's global concurrency limit per GPU stage, so a GPU class is
+    # never asked to hold more models than it has GPUs (limits are created by `make up`).
+    with concurrency(pool, occupy=1, strict=False):
+        run = run_deployment(name=deployment_name(pool), timeout=timeout_s,
+                             parameters={"stage": stage, "output_uri": output_uri,
+                                         "inputs": jsonable(kwargs), "refresh": refresh})
+    state = run.state
+    if state is None or not state.is_completed():
+        raise StageError(stage, f"the {stage} run on pool {pool} (flow run {run.id}) ended "
+                         f"{state.name if state else 'without a state'}: "
+                         f"{state.message if state else ''}",
+                         "see that flow run's logs in the Prefect UI")
+    payload = ArtifactStore(output_uri).read_json(f"_dispatch/{stage}.json")
+    if payload.get("flow_run_id") != str(run.id):
+        raise StageError(stage, f"{output_uri}/_dispatch/{stage}.json was written by another run",
+                         "is another pipeline writing to the same output_dir?")
+    payload["work_pool"] = run.work_pool_name
+    return payload

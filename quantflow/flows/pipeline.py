@@ -1,0 +1,141 @@
+"""The quantization pipeline: checkpoint -> calibration -> quantize -> validate -> (gate) ->
+deploy -> monitor. The validation verdict decides, in this flow, whether deploy runs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Completed, Failed
+
+from quantflow.artifacts import read_json_uri
+from quantflow.config import PipelineConfig
+from quantflow.flows.approval import wait_for_approval
+from quantflow.flows.stages import StageRecord, run_cached_stage
+from quantflow.reporting import checks_table, render_markdown
+from quantflow.store import ArtifactStore
+from quantflow.tasks.deploy import deploy_task
+from quantflow.tasks.monitor import monitor_task
+from quantflow.profiling import measure
+
+log = logging.getLogger("quantflow.pipeline")
+GATE_STATE = "QualityGateFailed"
+REJECTED_STATE = "ApprovalRejected"
+
+
+class Summary:
+    """pipeline_summary.json: per-stage wall time, peak memory, cache hits, the outcome."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.store = ArtifactStore(config.output_uri)
+        self.started = time.perf_counter()
+        self.stages: dict[str, StageRecord] = {}
+        self.data: dict[str, Any] = {"name": config.name, "model": config.model.id,
+                                     "method": config.quant.label, "output_uri": config.output_uri}
+
+    def add(self, record: StageRecord) -> None:
+        self.stages[record.stage] = record
+
+    def write(self, outcome: str, **extra: Any) -> dict[str, Any]:
+        total = time.perf_counter() - self.started
+        deploy_s = sum(r.wall_s for s, r in self.stages.items() if s in ("deploy", "monitor"))
+        doc = {**self.data, **extra, "outcome": outcome,
+               "stages": {s: asdict(r) for s, r in self.stages.items()},
+               "cache_hits": sorted(s for s, r in self.stages.items() if r.cache_hit),
+               "total_wall_s": round(total, 3), "wall_s_excluding_deploy": round(total - deploy_s, 3)}
+        self.store.write_json("pipeline_summary.json", doc)
+        return doc
+
+
+def publish_report(config: PipelineConfig, report: dict) -> None:
+    key = f"{config.name}-validation"
+    create_markdown_artifact(key=key, markdown=render_markdown(report, None),
+                             description=f"Validation of {report['label']}: "
+                             f"{'PASS' if report['overall_pass'] else 'FAIL'}")
+    create_table_artifact(key=f"{key}-checks", table=checks_table(report["checks"]),
+                          description="baseline vs quantized, per check")
+
+
+def _timed(stage: str, fn, **kwargs) -> tuple[Any, StageRecord]:
+    with measure() as usage:
+        result = fn(**kwargs)
+    return result, StageRecord(stage=stage, wall_s=usage.wall_s, peak_rss_mib=usage.peak_rss_mib)
+
+
+@flow(name="quantize-pipeline", log_prints=True, validate_parameters=True)
+def quantize_pipeline(config: PipelineConfig) -> Any:
+    """Quantize a checkpoint, validate it against its baseline and deploy it only if it passes."""
+    summary = Summary(config)
+    try:
+        return _pipeline(config, summary)
+    except Exception as err:
+        summary.write("failed", failed_stage=getattr(err, "stage", None), error=str(err))
+        raise
+
+
+def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
+    out = config.output_uri
+    pools = config.placement.pools
+    lm_eval_serving = (config.deploy if config.validation.lm_eval.enabled
+                       and config.validation.lm_eval.backend == "local-completions" else None)
+    common = {"output_uri": out, "timeout_s": config.placement.stage_timeout_s}
+
+    ckpt, rec = run_cached_stage("checkpoint", pool=pools.get("checkpoint"), model=config.model,
+                                 validation=config.validation, serving=lm_eval_serving, **common)
+    summary.add(rec)
+    calib = None
+    if config.quant.needs_calibration:
+        calib, rec = run_cached_stage("calibration", pool=pools.get("calibration"),
+                                      calibration=config.calibration, checkpoint=ckpt, **common)
+        summary.add(rec)
+    quant, rec = run_cached_stage("quantize", pool=pools.get("quantize"), quant=config.quant,
+                                  checkpoint=ckpt, calibration=calib, **common)
+    summary.add(rec)
+    verdict, rec = run_cached_stage("validate", pool=pools.get("validate"),
+                                    validation=config.validation, checkpoint=ckpt, quantized=quant,
+                                    serving=lm_eval_serving, **common)
+    summary.add(rec)
+    report = read_json_uri(verdict.report_uri)
+    publish_report(config, report)
+    metrics = {"perplexity": _perplexity(report), "size": report["size"],
+               "report": verdict.report_uri}
+
+    if not verdict.overall_pass:
+        summary.write("rejected", verdict="fail", **metrics)
+        return Failed(name=GATE_STATE, message=f"quality gate rejected {quant.label}: {verdict.summary}",
+                      data={"report": verdict.report_uri, "failed_checks": verdict.failed_checks})
+    if config.validation.require_approval and config.deploy.enabled:
+        decision = wait_for_approval(render_markdown(report, None), config.validation.approval_timeout_s)
+        if not decision.approve:
+            summary.write("approval_rejected", verdict="pass", approval=decision.reason, **metrics)
+            return Failed(name=REJECTED_STATE, message=f"deployment rejected by reviewer: {decision.reason}")
+        metrics["approval"] = decision.reason
+    if not config.deploy.enabled:
+        result = summary.write("validated", verdict="pass", **metrics)
+        return Completed(message=f"{quant.label} passed validation (deploy disabled)", data=result)
+
+    deployment, rec = _timed("deploy", deploy_task, deploy=config.deploy, quantized=quant,
+                             validation=verdict, output_uri=out, name=config.name,
+                             monitor=config.monitor)
+    summary.add(rec)
+    extra: dict[str, Any] = {"endpoint": deployment.get("base_url"),
+                             "served_model_name": deployment.get("served_model_name"),
+                             "health": deployment.get("health")}
+    if config.monitor.enabled and config.deploy.backend == "local":
+        mon, rec = _timed("monitor", monitor_task, monitor=config.monitor, deployment=deployment)
+        summary.add(rec)
+        extra.update(metrics_url=mon["metrics_url"], quality_score=mon["quality_score"])
+    result = summary.write("deployed", verdict="pass", **metrics, **extra)
+    return Completed(message=f"{quant.label} deployed at {extra['endpoint']}", data=result)
+
+
+def _perplexity(report: dict) -> dict | None:
+    for c in report["checks"]:
+        if c["check"] == "perplexity":
+            return {"baseline": c["baseline"], "quantized": c["quantized"], "delta_pct": c["delta_pct"]}
+    return None

@@ -1,0 +1,118 @@
+"""Run one stage: in this process, or dispatched to the work pool the config names.
+
+In-process stages are Prefect tasks (cached across runs). A dispatched stage runs as the
+`quantflow-stage` flow deployment on its pool's worker (e.g. gpu-h100), holding a slot
+of that pool's global concurrency limit; it writes its manifest to the artifact store,
+where this process reads it back (Prefect results never carry large data).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+from prefect.states import State
+from pydantic import BaseModel
+
+from quantflow.manifests import (CalibrationManifest, CheckpointManifest, Manifest, QuantizedManifest,
+                                 ValidationManifest)
+from quantflow.profiling import measure
+from quantflow.store import ArtifactStore
+from quantflow.tasks.calibration import calibration_task
+from quantflow.tasks.checkpoint import checkpoint_task
+from quantflow.tasks.quantize import quantize_task
+from quantflow.tasks.validate import validate_task
+
+log = logging.getLogger("quantflow.pipeline")
+
+# stage -> (task, manifest type, files whose absence forces a recompute)
+CACHED_STAGES: dict[str, tuple[Any, type[Manifest], tuple[str, ...]]] = {
+    "checkpoint": (checkpoint_task, CheckpointManifest, ("baseline_metrics.json",)),
+    "calibration": (calibration_task, CalibrationManifest, ("calibration_data.pt",)),
+    "quantize": (quantize_task, QuantizedManifest, ("quantized_model/config.json",)),
+    "validate": (validate_task, ValidationManifest, ("validation_report.json",)),
+}
+STAGE_DEPLOYMENT = "quantflow-stage"
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    cache_hit: bool = False
+    wall_s: float = 0.0
+    peak_rss_mib: float | None = None
+    pool: str | None = None
+    state: str = "Completed"
+    extra: dict = field(default_factory=dict)
+
+
+def _missing_outputs(store: ArtifactStore, files: tuple[str, ...]) -> bool:
+    return any(not store.exists(f) for f in files)
+
+
+def run_cached_stage(name: str, output_uri: str, pool: str | None = None,
+                     timeout_s: float = 6 * 3600, **kwargs: Any) -> tuple[Manifest, StageRecord]:
+    task_fn, manifest_type, outputs = CACHED_STAGES[name]
+    store = ArtifactStore(output_uri)
+    refresh = _missing_outputs(store, outputs)
+    if refresh:
+        log.info("%s: outputs not in %s; recomputing", name, output_uri)
+    record = StageRecord(stage=name, pool=pool)
+    if pool:
+        from quantflow.flows.dispatch import dispatch_stage
+
+        start = time.perf_counter()
+        payload = dispatch_stage(name, pool, output_uri, kwargs, refresh, timeout_s)
+        record.wall_s = round(time.perf_counter() - start, 3)
+        record.cache_hit = payload["cache_hit"]
+        record.peak_rss_mib = payload["usage"].get("peak_rss_mib")
+        record.extra = {"flow_run_id": payload["flow_run_id"], "work_pool": payload["work_pool"]}
+        return manifest_type.model_validate(payload["manifest"]), record
+    t = task_fn.with_options(refresh_cache=True) if refresh else task_fn
+    with measure() as usage:
+        state: State = t(output_uri=output_uri, return_state=True, **kwargs)
+    record.wall_s, record.peak_rss_mib = usage.wall_s, usage.peak_rss_mib
+    record.cache_hit = state.name == "Cached"
+    record.state = state.name
+    manifest = state.result()  # raises the stage's exception when it failed
+    return manifest, record
+
+
+def jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in kwargs.items()}
+
+
+@flow(name=STAGE_DEPLOYMENT, log_prints=True)
+def stage_flow(stage: str, output_uri: str, inputs: dict[str, Any], refresh: bool = False) -> dict:
+    """One cached stage, run where this flow runs (a GPU pool's worker)."""
+    task_fn, _, _ = CACHED_STAGES[stage]
+    t = task_fn.with_options(refresh_cache=True) if refresh else task_fn
+    state = t(output_uri=output_uri, return_state=True, **_typed_inputs(stage, inputs))
+    manifest = state.result()
+    payload = {"manifest": manifest.model_dump(mode="json"), "cache_hit": state.name == "Cached",
+               "usage": manifest.usage, "flow_run_id": str(flow_run.get_id())}
+    # The orchestrator reads this from the shared store; Prefect results stay small.
+    ArtifactStore(output_uri).write_json(f"_dispatch/{stage}.json", payload)
+    return payload
+
+
+def _typed_inputs(stage: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild pydantic inputs from JSON parameters using the task's type hints."""
+    import typing
+
+    fn = CACHED_STAGES[stage][0].fn
+    hints = typing.get_type_hints(fn)
+    out = {}
+    for key, value in inputs.items():
+        hint = hints.get(key)
+        for candidate in typing.get_args(hint) or (hint,):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel) and value is not None:
+                value = candidate.model_validate(value)
+                break
+        out[key] = value
+    return out
+

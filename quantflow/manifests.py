@@ -1,0 +1,84 @@
+"""What each stage returns: small, JSON-able records that point into the artifact store.
+
+Prefect persists these as task results; the large files they describe stay in the store.
+Fields in VOLATILE (timestamps, resource usage) are left out of cache keys, so a stage
+recomputed with identical output does not invalidate everything downstream.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantflow.config import ModelSpec
+from quantflow.store import digest_of
+
+VOLATILE = {"created_at", "usage"}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    created_at: str = Field(default_factory=now)
+    versions: dict[str, Any] = {}
+    usage: dict[str, Any] = {}
+
+    def key_data(self) -> dict:
+        return self.model_dump(mode="json", exclude=VOLATILE)
+
+
+class CheckpointManifest(Manifest):
+    stage: str = "checkpoint"
+    model: ModelSpec
+    local_path: str  # where this machine found the checkpoint
+    shards: dict[str, str]  # file name -> sha256
+    fingerprint: str  # digest of shard hashes + config.json
+    architecture: dict[str, Any]
+    baseline_uri: str  # baseline_metrics.json
+    logprobs_uri: str | None = None  # baseline next-token log-probs for the KL check
+    prequantized: bool = False
+
+
+class CalibrationManifest(Manifest):
+    stage: str = "calibration"
+    uri: str
+    sha256: str
+    num_samples: int
+    seq_len: int
+    source: dict[str, Any]
+    stats: dict[str, Any]
+    warnings: list[str] = []
+
+
+class QuantizedManifest(Manifest):
+    stage: str = "quantize"
+    uri: str  # quantized_model/ folder
+    files: dict[str, str]  # relative path -> sha256
+    label: str
+    method: str
+    entry_point: str  # oneshot | model_free_ptq | none (prequantized)
+    recipe: str | None
+    quantization_format: str | None
+    size_bytes: int
+    baseline_size_bytes: int
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return digest_of(self.files)
+
+
+class ValidationManifest(Manifest):
+    stage: str = "validate"
+    report_uri: str
+    report_sha256: str  # of the report file as written: an edited report no longer matches
+    overall_pass: bool
+    checkpoint_sha256: str
+    failed_checks: list[str] = []
+    summary: str = ""

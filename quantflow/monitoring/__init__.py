@@ -1,0 +1,1 @@
+"""Production monitoring: quality probes, latency checks, alerts, Prometheus metrics."""

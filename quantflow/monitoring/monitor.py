@@ -1,0 +1,84 @@
+"""One monitoring round: probe quality, check vLLM's latency, alert, persist."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import httpx
+
+from quantflow.config import MonitorConfig
+from quantflow.monitoring import vllm_metrics
+from quantflow.monitoring.alerts import raise_alert
+from quantflow.monitoring.probes import run_probes
+from quantflow.monitoring.state import load_state, save_state
+from quantflow.serving.health import CompletionsClient
+from quantflow.store import ArtifactStore
+
+log = logging.getLogger("quantflow.monitor")
+
+
+def state_uri(record: dict, cfg: MonitorConfig) -> str:
+    return cfg.state_uri or f"{record['output_uri'].rstrip('/')}/monitor"
+
+
+def monitor_round(record: dict, cfg: MonitorConfig) -> dict[str, Any]:
+    """Probe the deployment described by `record` (a deployment registry entry) once."""
+    store = ArtifactStore(state_uri(record, cfg))
+    state = load_state(store, record["name"])
+    state.model = record["served_model_name"]
+    state.quantization = record.get("label", "")
+    key = os.environ.get(record.get("api_key_env") or "QUANTFLOW_API_KEY") if record.get("auth") else None
+    client = CompletionsClient(record["base_url"], record["served_model_name"], key)
+    alerts = []
+    try:
+        results = run_probes(client, cfg.probes, state)
+    finally:
+        client.close()
+    score = state.add_probes(results, cfg.window)
+    if score < cfg.min_mean_score:
+        alerts.append(raise_alert(
+            state, "quality_regression", "critical",
+            f"mean quality of the last {min(cfg.window, len(state.history))} probes is "
+            f"{score:.2f} < {cfg.min_mean_score}",
+            {"score": score, "threshold": cfg.min_mean_score,
+             "failed": [r["prompt"] for r in results if r["score"] < 1]}))
+    p99 = None
+    try:
+        snap = vllm_metrics.scrape(record["base_url"])
+        before = state.vllm_snapshot or {}
+        p99 = vllm_metrics.quantile(before.get("vllm:e2e_request_latency_seconds", {}),
+                                    snap["vllm:e2e_request_latency_seconds"], 0.99)
+        state.vllm_snapshot = snap
+    except httpx.HTTPError as err:
+        log.warning("monitor: could not scrape %s/metrics: %s", record["base_url"], err)
+    if p99 is not None and p99 > cfg.latency_p99_max_s:
+        alerts.append(raise_alert(state, "latency_regression", "warning",
+                                  f"vLLM p99 end-to-end latency {p99:.2f}s > {cfg.latency_p99_max_s}s "
+                                  "since the previous check",
+                                  {"p99_s": p99, "threshold_s": cfg.latency_p99_max_s}))
+    save_state(store, state)
+    log.info("monitor %s: quality %.2f over %d probes, p99 %s, %d alert(s)", record["name"], score,
+             min(cfg.window, len(state.history)), f"{p99:.3f}s" if p99 is not None else "n/a", len(alerts))
+    return {"deployment": record["name"], "quality_score": score, "probes": results,
+            "p99_latency_s": p99, "alerts": alerts, "state_uri": store.uri()}
+
+
+def load_round(record: dict, cfg: MonitorConfig, requests: int, concurrency: int,
+               max_tokens: int = 16, deadline_s: float = 120) -> dict[str, Any]:
+    """Bounded concurrent load through the monitor's client; latencies and throughput are
+    recorded in the persisted state like every other observation."""
+    from quantflow.monitoring.probes import load_check
+
+    store = ArtifactStore(state_uri(record, cfg))
+    state = load_state(store, record["name"])
+    key = os.environ.get(record.get("api_key_env") or "QUANTFLOW_API_KEY") if record.get("auth") else None
+    client = CompletionsClient(record["base_url"], record["served_model_name"], key)
+    try:
+        stats = load_check(client, [p.prompt for p in cfg.probes], requests, concurrency,
+                           max_tokens, state, deadline_s)
+    finally:
+        client.close()
+    save_state(store, state)
+    return stats

@@ -1,0 +1,1 @@
+"""Translation of quantflow's QuantConfig into llm-compressor recipes, and running them."""

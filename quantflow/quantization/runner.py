@@ -1,0 +1,72 @@
+"""Run a recipe with llm-compressor and save a compressed-tensors checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from quantflow.config import QuantConfig
+from quantflow.quantization import cpu_pinning
+from quantflow.quantization.recipes import recipe_yaml, streaming_scheme
+
+log = logging.getLogger("quantflow.quantize")
+
+# Embeddings are not Linear layers, but model_free_ptq matches "Linear" by tensor name and
+# would quantize them (breaking tied-embedding models), so the streaming path keeps them.
+STREAMING_EXTRA_IGNORE = ["re:.*embed_tokens$", "re:.*wte$", "re:.*embed_in$"]
+
+
+def calibration_dataset(ids: torch.Tensor):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": ids.tolist(),
+                              "attention_mask": torch.ones_like(ids).tolist()})
+
+
+def run_streaming(model_dir: Path, q: QuantConfig, out_dir: Path, device: str) -> str:
+    from compressed_tensors.quantization import QuantizationScheme
+    from llmcompressor import model_free_ptq
+
+    scheme = streaming_scheme(q)
+    assert scheme is not None
+    if isinstance(scheme, dict):
+        scheme = QuantizationScheme(**scheme)
+    model_free_ptq(str(model_dir), str(out_dir), scheme=scheme,
+                   ignore=list(q.ignore) + STREAMING_EXTRA_IGNORE, device=device,
+                   max_workers=min(4, os.cpu_count() or 1))
+    return "model_free_ptq"
+
+
+def run_oneshot(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None,
+                out_dir: Path) -> str:
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if q.method == "awq" and cpu_pinning.apply():
+        log.info("no accelerator: AWQ runs with activation pinning disabled (cpu_pinning.py)")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Loaded on the CPU: llm-compressor's sequential pipeline moves one decoder layer at a
+    # time to the accelerator, so GPU memory bounds a layer, not the model.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    kwargs = {}
+    if calib_ids is not None:
+        kwargs = dict(dataset=calibration_dataset(calib_ids), num_calibration_samples=len(calib_ids),
+                      max_seq_length=calib_ids.shape[1],
+                      # Fixed sample order: same samples in => bit-identical tensors out.
+                      shuffle_calibration_samples=False,
+                      pipeline="sequential" if q.sequential_onloading else "basic")
+    oneshot(model=model, tokenizer=tokenizer, recipe=recipe_yaml(q), **kwargs)
+    model.save_pretrained(out_dir, save_compressed=True)
+    tokenizer.save_pretrained(out_dir)
+    return "oneshot"
+
+
+def quantize(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None, out_dir: Path,
+             device: str) -> str:
+    """Quantize into out_dir; returns which llm-compressor entry point ran."""
+    if streaming_scheme(q) is not None:
+        return run_streaming(model_dir, q, out_dir, device)
+    return run_oneshot(model_dir, q, calib_ids if q.needs_calibration else None, out_dir)

@@ -1,0 +1,1 @@
+"""vLLM serving: the serving environment, server processes, health checks, rollout state."""

@@ -1,0 +1,187 @@
+"""The artifact store: a local folder or s3://bucket/prefix, written atomically.
+
+Large outputs (checkpoints, calibration tensors, reports) live here; Prefect results only
+carry small manifests that point into it. Local writes go to a temporary name and are
+renamed into place. Object stores have no rename, so a stage writes its files first and its
+manifest last: a folder without a manifest is incomplete and is overwritten by the next try.
+Credentials for S3 come from the environment (AWS_* variables, AWS_ENDPOINT_URL) and never
+appear in config, parameters or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+CHUNK = 8 * 1024 * 1024
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_sha256(local_dir: str | Path) -> dict[str, str]:
+    """sha256 of every file under a folder, keyed by relative POSIX path."""
+    root = Path(local_dir)
+    return {p.relative_to(root).as_posix(): file_sha256(p)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def digest_of(obj: Any) -> str:
+    """Stable sha256 of JSON-able data (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_uri(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+class ArtifactStore:
+    def __init__(self, root_uri: str):
+        self.root_uri = root_uri.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.root_uri)
+        self.remote = is_remote(self.root_uri)
+
+    def uri(self, rel: str = "") -> str:
+        return f"{self.root_uri}/{rel}" if rel else self.root_uri
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def local_path(self, rel: str = "") -> Path:
+        if self.remote:
+            raise ValueError(f"{self.uri(rel)} is remote; use fetch_dir/fetch_file")
+        return Path(self._path(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self._path(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        if self.remote:
+            self.fs.pipe_file(self._path(rel), data)
+        else:
+            dest = Path(self._path(rel))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, dest)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return self.uri(rel)
+
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_bytes(rel, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+    def write_text(self, rel: str, text: str) -> str:
+        return self.write_bytes(rel, text.encode())
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self._path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def delete(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.rm(self._path(rel), recursive=True)
+
+    def put_file(self, local: str | Path, rel: str) -> str:
+        if self.remote:
+            self.fs.put_file(str(local), self._path(rel))
+        else:
+            dest = Path(self._path(rel))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)
+        return self.uri(rel)
+
+    def put_dir(self, local_dir: str | Path, rel: str) -> str:
+        """Publish a finished local folder as `rel`, replacing what was there."""
+        local_dir = Path(local_dir)
+        if self.remote:
+            self.delete(rel)
+            for p in sorted(local_dir.rglob("*")):
+                if p.is_file():
+                    self.fs.put_file(str(p), self._path(f"{rel}/{p.relative_to(local_dir).as_posix()}"))
+            return self.uri(rel)
+        dest = Path(self._path(rel))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if local_dir.resolve() == dest.resolve():
+            return self.uri(rel)
+        staging = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
+        if _same_device(local_dir, dest.parent):
+            os.rename(local_dir, staging)
+        else:
+            shutil.copytree(local_dir, staging)
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(staging, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.uri(rel)
+
+    def scratch_dir(self, rel: str) -> Path:
+        """A private local folder to build `rel` in before put_dir publishes it."""
+        if self.remote:
+            return Path(tempfile.mkdtemp(prefix="quantflow-"))
+        dest = Path(self._path(rel))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.build-", dir=dest.parent))
+
+    def fetch_dir(self, rel: str, expected: dict[str, str] | None = None) -> Path:
+        """A local copy of a stored folder (the folder itself for local stores).
+
+        Remote folders are cached under ~/.cache/quantflow/fetched by content digest, so a
+        worker downloads each checkpoint once.
+        """
+        if not self.remote:
+            return Path(self._path(rel))
+        key = digest_of(expected) if expected else digest_of(self.uri(rel))
+        cache = Path(os.environ.get("QUANTFLOW_CACHE", Path.home() / ".cache" / "quantflow"))
+        dest = cache / "fetched" / key[:24]
+        if dest.is_dir():  # only ever created by the rename below, so it is complete
+            return dest
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get(self._path(rel) + "/", str(tmp) + "/", recursive=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another worker finished the same download first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    def fetch_file(self, rel: str) -> Path:
+        if not self.remote:
+            return Path(self._path(rel))
+        fd, tmp = tempfile.mkstemp(prefix="quantflow-", suffix=Path(rel).suffix)
+        os.close(fd)
+        self.fs.get_file(self._path(rel), tmp)
+        return Path(tmp)
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False

@@ -1,0 +1,85 @@
+"""Stage 1: find the checkpoint, prove its files are whole, describe it, measure the baseline."""
+
+from __future__ import annotations
+
+import logging
+from math import prod
+from pathlib import Path
+
+from prefect import task
+
+from quantflow.checkpoints import read_config, read_safetensors_header, resolve_model, shard_files
+from quantflow.config import DeployConfig, ModelSpec, ValidationConfig
+from quantflow.errors import StageError
+from quantflow.evaluation.suite import evaluate_model
+from quantflow.manifests import CheckpointManifest
+from quantflow.profiling import measure
+from quantflow.store import ArtifactStore, digest_of, file_sha256
+from quantflow.tasks.policy import stage_task_options
+from quantflow.versions import tool_versions
+
+log = logging.getLogger("quantflow.checkpoint")
+STAGE = "checkpoint"
+
+
+def architecture(config: dict, headers: dict[str, dict], shards: list[Path]) -> dict:
+    params = 0
+    dtypes: dict[str, int] = {}
+    for header in headers.values():
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            n = prod(t["shape"]) if t["shape"] else 1
+            params += n
+            dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + n
+    text = config.get("text_config", config)
+    return {
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+        "params": params,
+        "size_bytes": sum(s.stat().st_size for s in shards),
+        "tensor_dtypes": dtypes,
+        "layers": text.get("num_hidden_layers"),
+        "hidden_size": text.get("hidden_size"),
+        "attention_heads": text.get("num_attention_heads"),
+        "kv_heads": text.get("num_key_value_heads", text.get("num_attention_heads")),
+        "vocab_size": text.get("vocab_size"),
+        "max_positions": text.get("max_position_embeddings"),
+        "tie_word_embeddings": config.get("tie_word_embeddings"),
+    }
+
+
+def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_uri: str,
+                       serving: DeployConfig | None = None) -> CheckpointManifest:
+    store = ArtifactStore(output_uri)
+    with measure() as usage:
+        path = resolve_model(model)
+        config = read_config(path)
+        shards = shard_files(path)
+        headers = {s.name: read_safetensors_header(s) for s in shards}
+        log.info("checkpoint %s: hashing %d shard(s)", path, len(shards))
+        hashes = {s.name: file_sha256(s) for s in shards}
+        arch = architecture(config, headers, shards)
+        if arch["params"] == 0:
+            raise StageError(STAGE, f"{path} holds no tensors", "re-download or re-save the checkpoint")
+        log.info("checkpoint: %s, %.1fM params, %d layers, %.1f MB", arch["model_type"],
+                 arch["params"] / 1e6, arch["layers"] or 0, arch["size_bytes"] / 1e6)
+        baseline = evaluate_model(path, validation, store, "baseline", STAGE, serving)
+        ppl = baseline.get("perplexity", {}).get("perplexity")
+        if ppl is not None and not (ppl == ppl and ppl < float("inf")):
+            raise StageError(STAGE, f"baseline perplexity is {ppl}: the weights produce no "
+                             "usable predictions (corrupt or untrained checkpoint?)",
+                             "check the checkpoint files")
+        prequantized = "quantization_config" in config
+        doc = {"model": model.model_dump(mode="json"), "local_path": str(path),
+               "architecture": arch, "shards": hashes, "metrics": baseline,
+               "validation_config": validation.model_dump(mode="json"), "versions": tool_versions()}
+        baseline_uri = store.write_json("baseline_metrics.json", doc)
+    return CheckpointManifest(
+        model=model, local_path=str(path), shards=hashes,
+        fingerprint=digest_of({"shards": hashes, "config": config}), architecture=arch,
+        baseline_uri=baseline_uri, logprobs_uri=baseline.get("logprobs", {}).get("uri"),
+        prequantized=prequantized, versions=tool_versions(), usage=vars(usage))
+
+
+checkpoint_task = task(**stage_task_options(STAGE, __name__))(prepare_checkpoint)

