@@ -58,7 +58,8 @@ class QuantConfig(StrictModel):
     # Data-free schemes stream safetensors shards (llm-compressor model_free_ptq), so a
     # 70B FP8 conversion needs disk, not GPU memory. Off = load the model and quantize in place.
     streaming: bool = True
-    # Offload calibrated layers to CPU between steps (sequential onloading) on GPUs.
+    # Calibrate one decoder layer at a time on the accelerator (llm-compressor's sequential
+    # pipeline), so GPU memory bounds a layer, not the model. False = whole model at once.
     sequential_onloading: bool = True
 
     @model_validator(mode="before")
@@ -102,7 +103,7 @@ class QuantConfig(StrictModel):
                 raise ValueError(f"quant.group_size={self.group_size} is not supported; allowed: "
                                  f"{', '.join(map(str, ALLOWED_GROUP_SIZES))} (-1 = per channel)")
         else:
-            given = sorted({"bits", "group_size", "sym", "actorder"} & self.model_fields_set)
+            given = self._changed("bits", "group_size", "sym", "actorder")
             if given:
                 raise ValueError(f"quant.{given[0]} does not apply to method {m!r} (its scheme is "
                                  f"fixed); remove it, or use gptq, awq or rtn for integer weights")
@@ -116,9 +117,14 @@ class QuantConfig(StrictModel):
                              "or folder of the already-quantized model")
         if m != "prequantized" and self.checkpoint:
             raise ValueError(f"quant.checkpoint is only used with method 'prequantized' (method is {m!r})")
-        if m != "gptq" and "actorder" in self.model_fields_set and self.actorder:
+        if m not in ("gptq", *FIXED_SCHEME_METHODS) and self._changed("actorder"):
             raise ValueError(f"quant.actorder (desc_act) applies to gptq only, not {m!r}")
         return self
+
+    def _changed(self, *names: str) -> list[str]:
+        """Fields set to something other than their default. Forms (the Prefect UI) send
+        every field, so "was it given" cannot tell intent; "does it differ" can."""
+        return [n for n in names if getattr(self, n) != type(self).model_fields[n].default]
 
     @property
     def symmetric(self) -> bool:

@@ -56,8 +56,12 @@ def run_oneshot(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None,
         kwargs = dict(dataset=calibration_dataset(calib_ids), num_calibration_samples=len(calib_ids),
                       max_seq_length=calib_ids.shape[1],
                       # Fixed sample order: same samples in => bit-identical tensors out.
-                      shuffle_calibration_samples=False,
-                      pipeline="sequential" if q.sequential_onloading else "basic")
+                      shuffle_calibration_samples=False)
+        if not q.sequential_onloading:
+            # Whole model on the accelerator at once: faster when it fits. The default
+            # ("independent") gives every calibrating modifier llm-compressor's sequential
+            # pipeline, one decoder layer on the accelerator at a time.
+            kwargs["pipeline"] = "basic"
     oneshot(model=model, tokenizer=tokenizer, recipe=recipe_yaml(q), **kwargs)
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)

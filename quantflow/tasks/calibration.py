@@ -45,7 +45,11 @@ def sample_windows(stream: list[int], num_samples: int, seq_len: int, seed: int)
                          f"one sample of calibration.seq_len={seq_len}",
                          "use more calibration text or a smaller calibration.seq_len")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(stream) - seq_len + 1, (num_samples,), generator=gen).tolist()
+    positions = len(stream) - seq_len + 1
+    if positions >= num_samples:  # distinct windows whenever the text allows it
+        starts = torch.randperm(positions, generator=gen)[:num_samples].tolist()
+    else:
+        starts = torch.randint(0, positions, (num_samples,), generator=gen).tolist()
     data = torch.tensor(stream, dtype=torch.long)
     return torch.stack([data[s:s + seq_len] for s in starts])
 

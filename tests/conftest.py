@@ -1,0 +1,108 @@
+"""Shared fixtures: the demo model (built once), a real local Prefect server, isolated
+state folders, and helpers to make pipeline configs that use free ports."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Isolate everything the code keeps on disk from the developer's own checkout state.
+_SESSION_STATE = Path(tempfile.mkdtemp(prefix="quantflow-test-state-"))
+os.environ["QUANTFLOW_STATE_DIR"] = str(_SESSION_STATE)
+os.environ["QUANTFLOW_CACHE"] = str(_SESSION_STATE / "cache")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.chdir(REPO)  # configs refer to .cache/demo relative to the repository root
+
+SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
+needs_serving = pytest.mark.skipif(not SERVE_PYTHON.exists(),
+                                   reason="serving environment missing: run `make serve-env`")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are free (blue/green deploys use both)."""
+    for _ in range(50):
+        p = free_port()
+        if p < 65000:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p + 1))
+                    return p
+                except OSError:
+                    continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    from quantflow.demo.assets import DEFAULT_DIR, build_demo_assets
+
+    return build_demo_assets(REPO / DEFAULT_DIR, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_dir) -> Path:
+    return demo_dir / "model"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect server (SQLite) for the session, like the demo's embedded default."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from quantflow.prefect_server import ensure_local_server, stop_local_server
+
+    url = ensure_local_server(port=free_port())
+    with temporary_settings(updates={PREFECT_API_URL: url,
+                                     PREFECT_LOCAL_STORAGE_PATH: str(_SESSION_STATE / "results")}):
+        yield url
+    stop_local_server()
+
+
+def make_config(output_dir: Path, name: str = "test", overrides: dict | None = None, **sections):
+    """configs/demo.yaml with a private output folder and free ports."""
+    import yaml
+
+    from quantflow.config import build_config
+
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data["name"] = name
+    data["output_dir"] = str(output_dir)
+    data["deploy"]["port"] = free_port_pair()
+    data["monitor"]["metrics_port"] = free_port()
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    return build_config(data, overrides or {})
+
+
+_RUN_NUMBERS = itertools.count()
+
+
+@pytest.fixture
+def config_factory(tmp_path, demo_dir):
+    """Distinct run names across the session: deployments are registered by name."""
+
+    def factory(name: str | None = None, overrides: dict | None = None, **sections):
+        n = next(_RUN_NUMBERS)
+        return make_config(tmp_path / f"run{n}", name or f"t{n}", overrides, **sections)
+
+    return factory

