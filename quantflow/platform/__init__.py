@@ -1,0 +1,1 @@
+"""The platform setup: Prefect server, work pools, workers, deployments, automations."""
