@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from quantflow.errors import StageError
-from quantflow.manifests import CalibrationManifest, QuantizedManifest
+from quantflow.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest
 from quantflow.store import ArtifactStore, digest_of, read_uri, tree_sha256
 
 
@@ -48,3 +48,20 @@ def fetch_quantized(manifest: QuantizedManifest, stage: str) -> Path:
 
 def read_json_uri(uri: str) -> dict:
     return json.loads(read_uri(uri))
+
+
+def local_checkpoint(manifest: CheckpointManifest, stage: str) -> Path:
+    """The baseline checkpoint on this machine. A stage on another worker than stage 1
+    resolves it again (hub cache or the same path) and must find the same shard hashes."""
+    path = Path(manifest.local_path)
+    if path.is_dir():
+        return path
+    from quantflow.checkpoints import resolve_model
+    from quantflow.store import file_sha256
+
+    path = resolve_model(manifest.model)
+    found = {name: file_sha256(path / name) for name in manifest.shards}
+    if found != manifest.shards:
+        raise StageError(stage, f"the checkpoint at {path} differs from the one stage 1 verified "
+                         f"({manifest.model.id})", "pin model.revision so every worker reads the same files")
+    return path

@@ -3,6 +3,7 @@
     quantflow run --model <hub id or path> --method gptq --bits 4 [--config FILE]
                   [--output-dir DIR] [--no-deploy]
     quantflow demo          build the demo model (once) and run configs/demo.yaml
+    quantflow submit ...    the same, as a run of the quantize-pipeline deployment (make up)
     quantflow stop          stop what the demo started (vLLM servers, exporter, Prefect server)
 
 Exit codes of `run`/`demo`: 0 completed (deployed unless --no-deploy), 2 the quality gate
@@ -164,12 +165,37 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return EXIT_GATE if result["alerts"] else EXIT_OK
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Create a run of the quantize-pipeline deployment through the REST API."""
+    from quantflow.config import load_config
+    from quantflow.prefect_server import configured_api_url
+    from quantflow.submit import PrefectREST
+
+    config = load_config(args.config, _overrides(args))
+    api_url = configured_api_url()
+    if not api_url:
+        print("error: PREFECT_API_URL is not set (start the platform with `make up`)", file=sys.stderr)
+        return EXIT_FAILED
+    api = PrefectREST(api_url)
+    run = api.create_flow_run(args.deployment, {"config": config.model_dump(mode="json")},
+                              idempotency_key=args.idempotency_key)
+    print(f"flow run {run['id']} ({run['name']}) created: {api_url.removesuffix('/api')}/runs/flow-run/{run['id']}")
+    if not args.wait:
+        return EXIT_OK
+    final = api.wait(run["id"])
+    print(f"flow run {run['name']} ended {final['state_name']}: {final['state']['message'] or ''}")
+    if final["state_type"] == "COMPLETED":
+        return EXIT_OK
+    return EXIT_GATE if final["state_name"] in ("QualityGateFailed", "ApprovalRejected") else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantflow", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, helptext in (("run", cmd_run, "run the pipeline"),
-                               ("demo", cmd_demo, "build the demo model and run configs/demo.yaml")):
+    for name, fn, helptext in (("run", cmd_run, "run the pipeline in this process"),
+                               ("demo", cmd_demo, "build the demo model and run configs/demo.yaml"),
+                               ("submit", cmd_submit, "start a run of a deployment via the Prefect API")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--config", help="pipeline YAML (flags below override it)")
         p.add_argument("--model", help="hub id or local checkpoint folder")
@@ -179,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", help="run name (output folder, served model name)")
         p.add_argument("--output-dir", help="local folder or s3://bucket/prefix")
         p.add_argument("--no-deploy", action="store_true", help="stop after validation")
+        if name == "submit":
+            p.add_argument("--deployment", default="quantize-pipeline/quantize-pipeline")
+            p.add_argument("--idempotency-key", help="same key twice = the same run, created once")
+            p.add_argument("--wait", action="store_true", help="wait for the run and exit with its outcome")
         p.set_defaults(fn=fn)
     p = sub.add_parser("stop", help="stop servers the demo started")
     p.add_argument("--keep-prefect", action="store_true", help="leave the Prefect server running")
@@ -195,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.fn(args)
-    except ConfigError as err:
+    except (ConfigError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ import random
 import torch
 from prefect import task
 
+from quantflow.artifacts import local_checkpoint
 from quantflow.config import CalibrationConfig
 from quantflow.errors import StageError
 from quantflow.manifests import CalibrationManifest, CheckpointManifest
@@ -90,7 +91,7 @@ def build_calibration(calibration: CalibrationConfig, checkpoint: CheckpointMani
     store = ArtifactStore(output_uri)
     with measure() as usage:
         docs = load_documents(calibration.source, STAGE, FIELD)
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint.local_path)
+        tokenizer = AutoTokenizer.from_pretrained(local_checkpoint(checkpoint, STAGE))
         budget = 2 * calibration.num_samples * calibration.seq_len
         stream = token_stream(docs, tokenizer, budget, calibration.seed)
         ids = sample_windows(stream, calibration.num_samples, calibration.seq_len, calibration.seed)

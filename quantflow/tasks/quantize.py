@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from quantflow.artifacts import load_calibration
+from quantflow.artifacts import load_calibration, local_checkpoint
 from quantflow.checkpoints import read_config, resolve_model, shard_files, read_safetensors_header
 from quantflow.config import ModelSpec, QuantConfig
 from quantflow.errors import StageError
@@ -72,7 +72,7 @@ def quantize_model(quant: QuantConfig, checkpoint: CheckpointManifest,
                 recipe = recipe_yaml(quant)
                 log.info("quantize: %s (%s) on %s", quant.label, "calibrated" if quant.needs_calibration
                          else "data-free", device)
-                entry = quantize(Path(checkpoint.local_path), quant, ids, scratch, device)
+                entry = quantize(local_checkpoint(checkpoint, STAGE), quant, ids, scratch, device)
                 (scratch / "quantflow_recipe.yaml").write_text(recipe)
             qconfig = json.loads((scratch / "config.json").read_text()).get("quantization_config", {})
             files = tree_sha256(scratch)

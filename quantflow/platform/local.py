@@ -1,0 +1,136 @@
+"""`make up` / `make down`: a Prefect server, one process worker per work pool, the
+deployments and concurrency limits, all on this machine — the same files a team uses on
+a cluster, with process pools standing in for the GPU classes.
+
+The server requires PREFECT_SERVER_API_AUTH_STRING when it is set; clients (this code,
+workers, flow runs) send PREFECT_API_AUTH_STRING. S3 credentials and endpoint are read
+from the environment by every process (AWS_* variables), never passed as parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from quantflow.prefect_server import ensure_local_server, stop_local_server
+from quantflow.serving.registry import state_dir
+
+log = logging.getLogger("quantflow.platform")
+REPO = Path(__file__).resolve().parents[2]
+POOLS = ("cpu", "gpu-a100", "gpu-h100")
+GPU_SLOTS = {"gpu-a100": 1, "gpu-h100": 1}
+RECORD = "platform.json"
+
+
+def _prefect_bin() -> str:
+    return str(Path(sys.executable).with_name("prefect"))
+
+
+def client_env(api_url: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": api_url, "QUANTFLOW_HOME": str(REPO),
+            "QUANTFLOW_STATE_DIR": str(state_dir())}
+
+
+def create_pools_and_limits(api_url: str, pools=POOLS, slots=GPU_SLOTS) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        for pool in pools:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                log.info("work pool %s created", pool)
+            except ObjectAlreadyExists:
+                pass
+        for name, limit in slots.items():
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            except ObjectAlreadyExists:
+                pass
+
+
+def register_deployments(api_url: str, prefect_file: Path = REPO / "deployments" / "prefect.yaml") -> None:
+    out = subprocess.run([_prefect_bin(), "--no-prompt", "deploy", "--all", "--prefect-file",
+                          str(prefect_file)], cwd=REPO, env=client_env(api_url),
+                         capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"prefect deploy failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def start_workers(api_url: str, pools=POOLS, poll_s: int = 2) -> dict[str, int]:
+    logs = state_dir() / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**client_env(api_url), "PREFECT_WORKER_QUERY_SECONDS": str(poll_s)}
+    pids = {}
+    for pool in pools:
+        with open(logs / f"{pool}.log", "ab") as fh:
+            proc = subprocess.Popen([_prefect_bin(), "worker", "start", "--pool", pool, "--type", "process",
+                                     "--name", f"{pool}-{os.uname().nodename}"], cwd=REPO, env=env,
+                                    stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        pids[pool] = proc.pid
+    return pids
+
+
+RESULTS_BLOCK = "remote-file-system/quantflow-results"
+
+
+def configure_result_storage(api_url: str, results_uri: str) -> str:
+    """Prefect results and cache records on shared storage (s3://…), so a stage cached by
+    one worker is a cache hit for every other. Credentials stay in the environment."""
+    from prefect.filesystems import RemoteFileSystem
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        RemoteFileSystem(basepath=results_uri.rstrip("/")).save(RESULTS_BLOCK.split("/")[1], overwrite=True)
+    # Every process started from here on (workers, their flow runs) uses it by default.
+    os.environ["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = RESULTS_BLOCK
+    os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
+    return RESULTS_BLOCK
+
+
+def up(port: int = 4200, pools=POOLS, with_workers: bool = True) -> dict:
+    api_url = ensure_local_server(port=port)
+    results_uri = os.environ.get("QUANTFLOW_RESULTS_URI")
+    if results_uri:
+        configure_result_storage(api_url, results_uri)
+    create_pools_and_limits(api_url, pools)
+    register_deployments(api_url)
+    record = {"api_url": api_url, "workers": start_workers(api_url, pools) if with_workers else {}}
+    (state_dir() / RECORD).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def down() -> None:
+    path = state_dir() / RECORD
+    if path.exists():
+        for pid in json.loads(path.read_text()).get("workers", {}).values():
+            _stop_group(pid)
+        path.unlink()
+    stop_local_server()
+
+
+def _stop_group(pid: int, timeout_s: float = 15) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)  # workers turn SIGTERM into a clean shutdown
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.3)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

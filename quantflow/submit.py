@@ -1,0 +1,62 @@
+"""Start a pipeline run through Prefect's REST API, exactly as another service would.
+
+    POST {PREFECT_API_URL}/deployments/name/quantize-pipeline/quantize-pipeline   -> id
+    POST {PREFECT_API_URL}/deployments/{id}/create_flow_run
+         {"parameters": {"config": {...}}, "idempotency_key": "..."}
+With PREFECT_API_AUTH_STRING set, every request carries HTTP Basic auth made from it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from typing import Any
+
+import httpx
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+
+
+def auth_headers(auth_string: str | None = None) -> dict[str, str]:
+    auth = auth_string if auth_string is not None else os.environ.get("PREFECT_API_AUTH_STRING")
+    if not auth:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+
+
+class PrefectREST:
+    def __init__(self, api_url: str, auth_string: str | None = None, timeout_s: float = 30):
+        self.http = httpx.Client(base_url=api_url.rstrip("/") + "/", headers=auth_headers(auth_string),
+                                 timeout=timeout_s)
+
+    def _ok(self, r: httpx.Response) -> Any:
+        if r.status_code == 401:
+            raise PermissionError("the Prefect API refused the request (401): set PREFECT_API_AUTH_STRING "
+                                  "to the server's auth string")
+        if r.status_code == 409:
+            raise ValueError(f"the Prefect API rejected the parameters: {r.json().get('detail', r.text)}")
+        r.raise_for_status()
+        return r.json()
+
+    def deployment_id(self, name: str) -> str:
+        return self._ok(self.http.get(f"deployments/name/{name}"))["id"]
+
+    def create_flow_run(self, deployment: str, parameters: dict, idempotency_key: str | None = None,
+                        tags: list[str] | None = None) -> dict:
+        body: dict[str, Any] = {"parameters": parameters, "tags": tags or []}
+        if idempotency_key:
+            body["idempotency_key"] = idempotency_key
+        return self._ok(self.http.post(f"deployments/{self.deployment_id(deployment)}/create_flow_run",
+                                       json=body))
+
+    def flow_run(self, run_id: str) -> dict:
+        return self._ok(self.http.get(f"flow_runs/{run_id}"))
+
+    def wait(self, run_id: str, timeout_s: float = 3600, poll_s: float = 2) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            run = self.flow_run(run_id)
+            if run["state_type"] in TERMINAL or time.monotonic() > deadline:
+                return run
+            time.sleep(poll_s)

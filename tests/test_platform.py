@@ -1,0 +1,181 @@
+"""The platform on one machine: Prefect server with an auth string, process workers per
+pool (cpu, gpu-a100, gpu-h100), deployments from deployments/prefect.yaml, artifacts and
+Prefect results on a local S3-API server (moto, as s3fs's own tests use)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import REPO, free_port
+from quantflow.submit import PrefectREST
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+AUTH = "admin:quantflow-test"
+BUCKET = "quantflow-ci"
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    for _ in range(100):
+        try:
+            httpx.get(env["AWS_ENDPOINT_URL"], timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    yield env
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def platform(s3_env, tmp_path_factory):
+    """`make up`, isolated: its own state folder, server port, and environment."""
+    from quantflow.platform.local import down, up
+
+    saved = dict(os.environ)
+    os.environ.update(s3_env)
+    os.environ.update({
+        "QUANTFLOW_STATE_DIR": str(tmp_path_factory.mktemp("platform-state")),
+        "PREFECT_SERVER_API_AUTH_STRING": AUTH, "PREFECT_API_AUTH_STRING": AUTH,
+        # No surprise scheduled runs while the test drives the server.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "QUANTFLOW_RESULTS_URI": f"s3://{BUCKET}/prefect-results"})
+    import s3fs
+
+    s3fs.S3FileSystem().mkdir(BUCKET)
+    try:
+        record = up(port=free_port())
+        yield record
+    finally:
+        down()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def demo_params(output_dir: str, **extra) -> dict:
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data.update(name=f"api-{uuid.uuid4().hex[:6]}", output_dir=output_dir)
+    data["validation"]["lm_eval"]["enabled"] = False
+    data["deploy"]["enabled"] = False
+    data.update(extra)
+    return data
+
+
+def test_unauthenticated_calls_are_refused(platform):
+    api = platform["api_url"]
+    assert httpx.post(f"{api}/flows/filter", json={}, timeout=10).status_code == 401
+    assert httpx.post(f"{api}/flows/filter", json={}, timeout=10, auth=tuple(AUTH.split(":"))).status_code == 200
+    with pytest.raises(PermissionError, match="PREFECT_API_AUTH_STRING"):
+        PrefectREST(api, auth_string="").deployment_id("quantize-pipeline/quantize-pipeline")
+
+
+def read_s3_json(uri: str) -> dict:
+    import s3fs
+
+    return json.loads(s3fs.S3FileSystem().cat_file(uri.removeprefix("s3://")))
+
+
+def stage_runs(api: PrefectREST, parent_run: dict) -> dict[str, str]:
+    """stage -> work pool of the stage runs dispatched by one pipeline run (via the API)."""
+    runs = api._ok(api.http.post("flow_runs/filter", json={
+        "deployments": {"name": {"any_": ["gpu-a100", "gpu-h100"]}},
+        "flow_runs": {"start_time": {"after_": parent_run["start_time"]}}}))
+    return {r["parameters"]["stage"]: r["work_pool_name"] for r in runs
+            if r["state_type"] == "COMPLETED" and r["parameters"]["output_uri"] == parent_run["parameters"]["config"]["output_dir"]}
+
+
+def test_rest_run_dispatches_gpu_stages_and_caches_on_s3(platform):
+    import s3fs
+
+    api = PrefectREST(platform["api_url"], AUTH)
+    out = f"s3://{BUCKET}/runs/{uuid.uuid4().hex[:8]}"
+    params = {"config": demo_params(out, placement={"pools": {"quantize": "gpu-h100", "validate": "gpu-a100"}})}
+    run = api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key="first")
+    again = api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key="first")
+    assert again["id"] == run["id"]  # idempotent: the same request creates one run
+    final = api.wait(run["id"], timeout_s=900)
+    assert final["state_type"] == "COMPLETED", final["state"]["message"]
+    assert final["work_pool_name"] == "cpu"
+    assert stage_runs(api, final) == {"quantize": "gpu-h100", "validate": "gpu-a100"}
+    fs = s3fs.S3FileSystem()
+    key = out.removeprefix("s3://")
+    for f in ("baseline_metrics.json", "calibration_data.pt", "quantized_model/config.json",
+              "validation_report.json", "pipeline_summary.json"):
+        assert fs.exists(f"{key}/{f}"), f
+    assert fs.ls(f"{BUCKET}/prefect-results"), "no Prefect results/cache records on S3"
+    first = read_s3_json(f"{out}/pipeline_summary.json")
+    assert first["cache_hits"] == [] and first["verdict"] == "pass"
+    assert first["stages"]["quantize"]["extra"]["work_pool"] == "gpu-h100"
+
+    second = api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key="second")
+    final2 = api.wait(second["id"], timeout_s=900)
+    assert final2["state_type"] == "COMPLETED", final2["state"]["message"]
+    summary = read_s3_json(f"{out}/pipeline_summary.json")
+    assert summary["cache_hits"] == ["calibration", "checkpoint", "quantize", "validate"]
+    assert summary["stages"]["validate"]["extra"]["work_pool"] == "gpu-a100"
+
+
+def count_pipeline_runs(api: PrefectREST, output_dir: str) -> int:
+    runs = api._ok(api.http.post("flow_runs/filter", json={"flows": {"name": {"any_": ["quantize-pipeline"]}}}))
+    return sum(1 for r in runs if r["parameters"].get("config", {}).get("output_dir") == output_dir)
+
+
+def test_requantize_runs_only_when_inputs_change(platform, demo_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    api = PrefectREST(platform["api_url"], AUTH)
+    model = tmp_path / "model"
+    shutil.copytree(demo_model, model)
+    out = f"s3://{BUCKET}/requant/{uuid.uuid4().hex[:8]}"
+    params = {"config": demo_params(out, model={"id": str(model)})}
+
+    def requantize() -> dict:
+        run = api.create_flow_run("requantize/requantize", params)
+        final = api.wait(run["id"], timeout_s=900)
+        assert final["state_type"] == "COMPLETED", final["state"]["message"]
+        return final
+
+    requantize()
+    assert count_pipeline_runs(api, out) == 1
+    requantize()  # nothing changed: no pipeline run, no quantization
+    assert count_pipeline_runs(api, out) == 1
+    tensors = load_file(model / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    requantize()  # new weights: the pipeline runs and quantizes again
+    assert count_pipeline_runs(api, out) == 2
+    summary = read_s3_json(f"{out}/pipeline_summary.json")
+    assert "quantize" not in summary["cache_hits"] and summary["verdict"] == "pass"
+
+
+def test_submit_cli_uses_the_rest_api(platform, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(demo_params(f"s3://{BUCKET}/cli/{uuid.uuid4().hex[:8]}")))
+    env = {**os.environ, "PREFECT_API_URL": platform["api_url"], "PREFECT_API_AUTH_STRING": AUTH}
+    proc = subprocess.run([sys.executable, "-m", "quantflow.cli", "submit", "--config", str(cfg),
+                           "--idempotency-key", "cli-1", "--wait"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ended Completed" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "quantflow.cli", "submit", "--config", str(cfg)],
+                         env={**env, "PREFECT_API_AUTH_STRING": "wrong:secret"}, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "401" in bad.stderr
