@@ -72,6 +72,13 @@ def prefect_server():
     with temporary_settings(updates={PREFECT_API_URL: url,
                                      PREFECT_LOCAL_STORAGE_PATH: str(_SESSION_STATE / "results")}):
         yield url
+        # Send buffered logs and events while the server is still there to take them;
+        # otherwise the workers retry against a stopped server at interpreter exit.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10, at_exit=False)
+        EventsWorker.drain_all(timeout=10, at_exit=False)
     stop_local_server()
 
 

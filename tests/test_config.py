@@ -16,7 +16,7 @@ from quantflow.quantization.recipes import recipe_dict, streaming_scheme
     ({"quant.bits": 5}, "quant.bits", "2, 3, 4, 8"),
     ({"quant.group_size": 100}, "quant.group_size", "-1, 32, 64, 128"),
     ({"quant.method": "squeezellm"}, "quant.method", "'gptq', 'awq', 'rtn'"),
-    ({"quant.method": "awq", "quant.bits": 8}, "quant.bits", "allowed: 4"),
+    ({"quant.method": "awq", "quant.bits": 8}, "quant.bits", "allowed: 3, 4"),
     ({"quant.bitz": 4}, "quant.bitz", "unknown key"),
 ])
 def test_bad_config_names_field_and_allowed_values(overrides, field, allowed):

@@ -127,3 +127,22 @@ def test_cli_exit_codes(prefect_server, config_factory, tmp_path):
                     "--output-dir", str(tmp_path / "missing")], prefect_server)
     assert missing.returncode == 1
     assert "FAILED in stage checkpoint" in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_requantizing_in_the_same_folder_reuses_the_baseline(prefect_server, config_factory):
+    gptq = config_factory(overrides={"deploy.enabled": False})
+    out = Path(gptq.output_uri)
+    assert quantize_pipeline(config=gptq, return_state=True).is_completed()
+    rtn = gptq.model_copy(update={"quant": gptq.quant.model_validate({"method": "rtn", "bits": 2,
+                                                                      "group_size": -1})})
+    state = quantize_pipeline(config=rtn, return_state=True)
+    assert state.name == GATE_STATE
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    assert summary["cache_hits"] == ["checkpoint"]  # the baseline was not evaluated again
+    # Back to GPTQ: its cached quantize/validate results describe files the RTN run has
+    # since overwritten, so they are recomputed instead of trusted.
+    assert quantize_pipeline(config=gptq, return_state=True).is_completed()
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    assert summary["cache_hits"] == ["calibration", "checkpoint"] and summary["verdict"] == "pass"
+    report = json.loads((out / "validation_report.json").read_text())
+    assert report["label"] == "gptq-w4a16-g128" and report["overall_pass"]

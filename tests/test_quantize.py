@@ -135,3 +135,50 @@ def test_cuda_requested_without_gpu_is_refused_before_loading(stage_inputs, tmp_
     with pytest.raises(StageError, match="quant.device is 'cuda' but this machine has no usable GPU"):
         quantize_model(QuantConfig(method="gptq", device="cuda"), ckpt, cal, str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    from quantflow.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.quant.label
+
+
+def test_recipe_method_runs_a_recipe_file_unchanged(stage_inputs, tmp_path):
+    ckpt, cal = stage_inputs
+    m = quantize_model(QuantConfig(method="recipe", recipe="configs/recipes/w4a16-mixed.yaml"),
+                       ckpt, cal, str(tmp_path))
+    groups = json.loads((Path(m.uri) / "config.json").read_text())["quantization_config"]["config_groups"]
+    bits = {tuple(g["targets"]): g["weights"]["num_bits"] for g in groups.values()}
+    assert bits == {("re:.*down_proj$",): 8, ("Linear",): 4}
+    t = tensors(Path(m.uri))
+    # int32 packing: 768 inputs at 8 bits = 192 words per row, 256 inputs at 4 bits = 32.
+    assert tuple(t["model.layers.0.mlp.down_proj.weight_packed"].shape) == (256, 192)
+    assert tuple(t["model.layers.0.mlp.down_proj.weight_scale"].shape) == (256, 1)  # per channel
+    assert tuple(t["model.layers.0.mlp.up_proj.weight_packed"].shape) == (768, 32)
+    assert tuple(t["model.layers.0.mlp.up_proj.weight_scale"].shape) == (768, 2)  # groups of 128
+    assert (Path(m.uri) / "quantflow_recipe.yaml").read_text() == Path("configs/recipes/w4a16-mixed.yaml").read_text()
+
+
+def test_ignored_layers_stay_in_full_precision(stage_inputs, tmp_path):
+    ckpt, cal = stage_inputs
+    q = QuantConfig(method="gptq", ignore=["lm_head", r"re:.*layers\.0\..*", r"re:.*layers\.3\..*"])
+    t = tensors(Path(quantize_model(q, ckpt, cal, str(tmp_path)).uri))
+    for layer in (0, 3):
+        assert f"model.layers.{layer}.mlp.down_proj.weight" in t
+        assert f"model.layers.{layer}.mlp.down_proj.weight_packed" not in t
+    assert "model.layers.1.mlp.down_proj.weight_packed" in t
+
+
+def test_prequantized_checkpoint_is_taken_as_is(stage_inputs, tmp_path):
+    ckpt, cal = stage_inputs
+    original = quantize_model(QuantConfig(method="gptq"), ckpt, cal, str(tmp_path / "elsewhere"))
+    taken = quantize_model(QuantConfig(method="prequantized", checkpoint=original.uri), ckpt, None,
+                           str(tmp_path / "run"))
+    assert taken.entry_point == "none"
+    assert {k: v for k, v in taken.files.items() if k != "quantflow_recipe.yaml"} == \
+        {k: v for k, v in original.files.items() if k != "quantflow_recipe.yaml"}
+    with pytest.raises(StageError, match="is not a quantized checkpoint"):
+        quantize_model(QuantConfig(method="prequantized", checkpoint=ckpt.local_path), ckpt, None,
+                       str(tmp_path / "bad"))

@@ -125,3 +125,31 @@ def test_missing_serving_environment_says_how_to_install(validated_gptq, tmp_pat
     cfg = CPU_SERVING.model_copy(update={"serving_python": str(tmp_path / "no-venv" / "bin" / "python")})
     with pytest.raises(StageError, match="make serve-env"):
         deploy_model(cfg, quantized, verdict, str(out), "noenv")
+
+
+@pytest.mark.parametrize("quant, message", [
+    ({"method": "nvfp4"}, "NVFP4 needs an NVIDIA GPU"),
+    ({"method": "rtn", "bits": 2, "group_size": 64}, r"no kernels for \[2\]-bit"),
+])
+def test_schemes_cpu_serving_cannot_run_are_refused_before_starting(quant, message, validated_gptq,
+                                                                    tmp_path):
+    """Pre-flight says which hardware the checkpoint needs instead of a kernel error."""
+    from quantflow.serving.gate import verify_release  # noqa: F401 - the gate passes; pre-flight refuses
+    from quantflow.tasks.validate import validate_model
+
+    v = validated_gptq
+    q = quantize_model(QuantConfig.model_validate(quant), v["checkpoint"], None, str(tmp_path))
+    validation = v["config"].validation.model_copy(update={
+        "perplexity": v["config"].validation.perplexity.model_copy(update={"max_increase_pct": 1000.0}),
+        "consistency": v["config"].validation.consistency.model_copy(update={"max_kl": None}),
+        "dtype": "bfloat16"})
+    ckpt = v["checkpoint"]
+    if validation.model_dump(mode="json") != v["config"].validation.model_dump(mode="json"):
+        from quantflow.tasks.checkpoint import prepare_checkpoint
+
+        ckpt = prepare_checkpoint(ckpt.model, validation, str(tmp_path))
+    verdict = validate_model(validation, ckpt, q, str(tmp_path))
+    assert verdict.overall_pass
+    with pytest.raises(StageError, match=message):
+        deploy_model(CPU_SERVING, q, verdict, str(tmp_path), "cpu-refused")
+    assert list(Path(tmp_path).glob("deployment.json")) == []

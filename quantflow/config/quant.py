@@ -18,7 +18,7 @@ Method = Literal["gptq", "awq", "rtn", "fp8", "w8a8", "w8a16", "nvfp4", "mxfp4",
                  "recipe", "prequantized"]
 
 # Integer weight-only methods and the bit widths llm-compressor + vLLM kernels support.
-ALLOWED_BITS: dict[str, tuple[int, ...]] = {"gptq": (2, 3, 4, 8), "rtn": (2, 3, 4, 8), "awq": (4,)}
+ALLOWED_BITS: dict[str, tuple[int, ...]] = {"gptq": (2, 3, 4, 8), "rtn": (2, 3, 4, 8), "awq": (3, 4)}
 ALLOWED_GROUP_SIZES: tuple[int, ...] = (-1, 32, 64, 128)  # -1 = one scale per output channel
 # Methods whose scheme is fixed: bits / group_size / sym do not apply to them.
 FIXED_SCHEME_METHODS = ("fp8", "w8a8", "w8a16", "nvfp4", "mxfp4", "recipe", "prequantized")

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from quantflow.manifests import (CalibrationManifest, CheckpointManifest, Manifest, QuantizedManifest,
                                  ValidationManifest)
 from quantflow.profiling import measure
-from quantflow.store import ArtifactStore
+from quantflow.store import ArtifactStore, digest_of
 from quantflow.tasks.calibration import calibration_task
 from quantflow.tasks.checkpoint import checkpoint_task
 from quantflow.tasks.quantize import quantize_task
@@ -50,15 +50,33 @@ class StageRecord:
     extra: dict = field(default_factory=dict)
 
 
-def _missing_outputs(store: ArtifactStore, files: tuple[str, ...]) -> bool:
-    return any(not store.exists(f) for f in files)
+def _missing_outputs(store: ArtifactStore, name: str, files: tuple[str, ...]) -> bool:
+    return any(not store.exists(f) for f in (*files, marker(name)))
+
+
+def marker(stage: str) -> str:
+    return f"_manifests/{stage}.json"
+
+
+def record_outputs(store: ArtifactStore, stage: str, manifest: Manifest) -> None:
+    """Note which manifest the files in the output folder belong to."""
+    store.write_json(marker(stage), {"key": digest_of(manifest.key_data())})
+
+
+def outputs_match(store: ArtifactStore, stage: str, manifest: Manifest) -> bool:
+    """A cached manifest is only good if the folder still holds the files it describes:
+    another run with other settings may have rewritten them since (same output_dir)."""
+    try:
+        return store.read_json(marker(stage))["key"] == digest_of(manifest.key_data())
+    except (FileNotFoundError, KeyError, ValueError):
+        return False
 
 
 def run_cached_stage(name: str, output_uri: str, pool: str | None = None,
                      timeout_s: float = 6 * 3600, **kwargs: Any) -> tuple[Manifest, StageRecord]:
-    task_fn, manifest_type, outputs = CACHED_STAGES[name]
+    _, manifest_type, outputs = CACHED_STAGES[name]
     store = ArtifactStore(output_uri)
-    refresh = _missing_outputs(store, outputs)
+    refresh = _missing_outputs(store, name, outputs)
     if refresh:
         log.info("%s: outputs not in %s; recomputing", name, output_uri)
     record = StageRecord(stage=name, pool=pool)
@@ -72,14 +90,29 @@ def run_cached_stage(name: str, output_uri: str, pool: str | None = None,
         record.peak_rss_mib = payload["usage"].get("peak_rss_mib")
         record.extra = {"flow_run_id": payload["flow_run_id"], "work_pool": payload["work_pool"]}
         return manifest_type.model_validate(payload["manifest"]), record
-    t = task_fn.with_options(refresh_cache=True) if refresh else task_fn
     with measure() as usage:
-        state: State = t(output_uri=output_uri, return_state=True, **kwargs)
+        manifest, hit, state_name = run_stage_task(name, output_uri, refresh, kwargs)
     record.wall_s, record.peak_rss_mib = usage.wall_s, usage.peak_rss_mib
-    record.cache_hit = state.name == "Cached"
-    record.state = state.name
-    manifest = state.result()  # raises the stage's exception when it failed
+    record.cache_hit, record.state = hit, state_name
     return manifest, record
+
+
+def run_stage_task(name: str, output_uri: str, refresh: bool,
+                   kwargs: dict[str, Any]) -> tuple[Manifest, bool, str]:
+    """Call the stage's task; a cache hit whose files were since overwritten is recomputed."""
+    task_fn = CACHED_STAGES[name][0]
+    store = ArtifactStore(output_uri)
+    t = task_fn.with_options(refresh_cache=True) if refresh else task_fn
+    state: State = t(output_uri=output_uri, return_state=True, **kwargs)
+    manifest = state.result()  # raises the stage's exception when it failed
+    hit = state.name == "Cached"
+    if hit and not outputs_match(store, name, manifest):
+        log.info("%s: cached result no longer matches the files in %s; recomputing", name, output_uri)
+        state = task_fn.with_options(refresh_cache=True)(output_uri=output_uri, return_state=True, **kwargs)
+        manifest, hit = state.result(), False
+    if not hit:
+        record_outputs(store, name, manifest)
+    return manifest, hit, state.name
 
 
 def jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -89,11 +122,8 @@ def jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
 @flow(name=STAGE_DEPLOYMENT, log_prints=True)
 def stage_flow(stage: str, output_uri: str, inputs: dict[str, Any], refresh: bool = False) -> dict:
     """One cached stage, run where this flow runs (a GPU pool's worker)."""
-    task_fn, _, _ = CACHED_STAGES[stage]
-    t = task_fn.with_options(refresh_cache=True) if refresh else task_fn
-    state = t(output_uri=output_uri, return_state=True, **_typed_inputs(stage, inputs))
-    manifest = state.result()
-    payload = {"manifest": manifest.model_dump(mode="json"), "cache_hit": state.name == "Cached",
+    manifest, hit, _ = run_stage_task(stage, output_uri, refresh, _typed_inputs(stage, inputs))
+    payload = {"manifest": manifest.model_dump(mode="json"), "cache_hit": hit,
                "usage": manifest.usage, "flow_run_id": str(flow_run.get_id())}
     # The orchestrator reads this from the shared store; Prefect results stay small.
     ArtifactStore(output_uri).write_json(f"_dispatch/{stage}.json", payload)

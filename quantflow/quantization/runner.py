@@ -45,8 +45,10 @@ def run_oneshot(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None,
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if q.method == "awq" and cpu_pinning.apply():
-        log.info("no accelerator: AWQ runs with activation pinning disabled (cpu_pinning.py)")
+    # Any recipe may contain AWQ (method awq, or a user recipe), so the shim is installed
+    # for every oneshot run; it only exists where there is no accelerator.
+    if cpu_pinning.apply():
+        log.debug("no accelerator: activation pinning disabled (cpu_pinning.py)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # Loaded on the CPU: llm-compressor's sequential pipeline moves one decoder layer at a
     # time to the accelerator, so GPU memory bounds a layer, not the model.
