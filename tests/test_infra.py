@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -91,3 +93,64 @@ def test_automations_match_prefect_schema():
     assert {a.name for a in autos} == {"quantflow-quality-regression", "quantflow-latency-regression",
                                        "quantflow-gate-rejected"}
     assert all(isinstance(a, AutomationCore) for a in autos)
+
+
+def test_compose_file_matches_the_compose_spec():
+    proc = subprocess.run([str(Path(sys.executable).with_name("check-jsonschema")), "--builtin-schema",
+                           "vendor.compose-spec", str(REPO / "infra/compose.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    services = yaml.safe_load((REPO / "infra/compose.yaml").read_text())["services"]
+    assert {"postgres", "redis", "prefect-api", "prefect-services", "worker-cpu"} <= set(services)
+    assert "--no-services" in services["prefect-api"]["command"]
+    assert services["prefect-services"]["command"][-2:] == ["services", "start"]
+
+
+def test_work_pool_templates_are_current_and_render_valid_gpu_jobs():
+    from prefect.utilities.templating import apply_values
+
+    from quantflow.platform.job_templates import GPU_CLASSES, templates
+
+    generated = templates()
+    for name, template in generated.items():
+        committed = json.loads((REPO / "infra/work-pools" / name).read_text())
+        assert committed == template, f"{name} is stale: run python -m quantflow.platform.job_templates"
+    for pool, spec in GPU_CLASSES.items():
+        t = generated[f"kubernetes-{pool}.json"]
+        values = {k: v.get("default") for k, v in t["variables"]["properties"].items()}
+        # What the Kubernetes worker passes in: command as a list, env as name/value pairs.
+        values.update(name="quantflow-run", command=["prefect", "flow-run", "execute"], namespace="prefect",
+                      env=[{"name": "PREFECT_API_URL", "value": "http://prefect-server:4200/api"}])
+        job = apply_values(t["job_configuration"]["job_manifest"], values)
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+        pod = job["spec"]["template"]["spec"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": spec["product"]}
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_helm_values_wire_pools_auth_and_templates():
+    deployments = yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())["deployments"]
+    pools = {d["work_pool"]["name"] for d in deployments}
+    assert pools == {"cpu", "gpu-a100", "gpu-h100"}
+    server = yaml.safe_load((REPO / "infra/helm/prefect-server.yaml").read_text())
+    assert server["server"]["basicAuth"]["enabled"] and server["backgroundServices"]["runAsSeparateDeployment"]
+    assert server["redis"]["enabled"]  # separate background services need Redis
+    for pool in pools:
+        values = yaml.safe_load((REPO / f"infra/helm/prefect-worker-{pool}.yaml").read_text())["worker"]
+        assert values["config"]["workPool"] == pool and values["apiConfig"] == "selfHostedServer"
+        assert values["selfHostedServerApiConfig"]["basicAuth"]["enabled"]
+        if pool != "cpu":
+            cm = values["config"]["baseJobTemplate"]["existingConfigMapName"]
+            assert cm == f"quantflow-{pool}-job-template"
+            assert (REPO / "infra/work-pools" / f"kubernetes-{pool}.json").exists()
+
+
+def test_dockerfile_copies_only_what_exists():
+    lines = [ln.strip() for ln in (REPO / "infra/Dockerfile").read_text().splitlines()]
+    for ln in lines:
+        if ln.startswith("FROM "):
+            assert ":" in ln and not ln.endswith(":latest"), ln  # pinned base image
+        if ln.startswith("COPY "):
+            for src in ln.split()[1:-1]:
+                assert (REPO / src.rstrip("/")).exists(), src

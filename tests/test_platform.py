@@ -44,8 +44,38 @@ def s3_env():
     proc.wait(10)
 
 
+class Webhook:
+    """A loopback HTTP endpoint that records what Prefect's notifications POST to it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="module")
-def platform(s3_env, tmp_path_factory):
+def webhook():
+    hook = Webhook()
+    yield hook
+    hook.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def platform(s3_env, webhook, tmp_path_factory):
     """`make up`, isolated: its own state folder, server port, and environment."""
     from quantflow.platform.local import down, up
 
@@ -56,7 +86,8 @@ def platform(s3_env, tmp_path_factory):
         "PREFECT_SERVER_API_AUTH_STRING": AUTH, "PREFECT_API_AUTH_STRING": AUTH,
         # No surprise scheduled runs while the test drives the server.
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-        "QUANTFLOW_RESULTS_URI": f"s3://{BUCKET}/prefect-results"})
+        "QUANTFLOW_RESULTS_URI": f"s3://{BUCKET}/prefect-results",
+        "QUANTFLOW_ALERT_WEBHOOK_URL": webhook.url})
     import s3fs
 
     s3fs.S3FileSystem().mkdir(BUCKET)
@@ -179,3 +210,76 @@ def test_submit_cli_uses_the_rest_api(platform, tmp_path):
                          env={**env, "PREFECT_API_AUTH_STRING": "wrong:secret"}, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "401" in bad.stderr
+
+
+def test_approval_suspends_and_releases_the_worker(platform):
+    """With require_approval, a deployment run suspends after a pass: its process exits
+    (no infrastructure held while a person decides) and the decision resumes it."""
+    api = PrefectREST(platform["api_url"], AUTH)
+    params = demo_params(f"s3://{BUCKET}/approval/{uuid.uuid4().hex[:8]}")
+    params["deploy"]["enabled"] = True
+    params["validation"]["require_approval"] = True
+    run = api.create_flow_run("quantize-pipeline/quantize-pipeline", {"config": params})
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        current = api.flow_run(run["id"])
+        if current["state_name"] == "Suspended":
+            break
+        assert current["state_type"] not in ("COMPLETED", "FAILED", "CRASHED"), current["state"]
+        time.sleep(1)
+    assert current["state_name"] == "Suspended" and current["state_type"] == "PAUSED"
+    pid = int(str(current["infrastructure_pid"]).rsplit(":", 1)[-1])
+    for _ in range(60):  # the flow-run process exits once the suspension is recorded
+        try:
+            os.kill(pid, 0)
+            time.sleep(0.5)
+        except ProcessLookupError:
+            break
+    else:
+        pytest.fail(f"flow-run process {pid} is still running while suspended")
+    answer = api.http.post(f"flow_runs/{run['id']}/resume",
+                           json={"run_input": {"approve": False, "reason": "not this week"}})
+    assert answer.status_code == 201 and answer.json()["status"] == "ACCEPT"
+    final = api.wait(run["id"], timeout_s=600)
+    assert final["state_name"] == "ApprovalRejected", final["state"]
+    assert "not this week" in final["state"]["message"]
+
+
+def test_gpu_job_templates_are_accepted_by_the_server(platform):
+    """The Kubernetes GPU templates register as work pools (the server checks that every
+    placeholder is a declared variable); no cluster is needed to create a pool."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: platform["api_url"]}), \
+            get_client(sync_client=True) as client:
+        for pool in ("gpu-a100", "gpu-h100"):
+            template = json.loads((REPO / "infra/work-pools" / f"kubernetes-{pool}.json").read_text())
+            created = client.create_work_pool(WorkPoolCreate(name=f"k8s-{pool}", type="kubernetes",
+                                                             base_job_template=template))
+            stored = client.read_work_pool(created.name).base_job_template
+            assert stored["variables"]["properties"]["gpu_count"]["default"] == 1
+            assert stored["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["nodeSelector"] \
+                == "{{ node_selector }}"
+
+
+def test_alert_event_triggers_the_shipped_automation(platform, webhook):
+    """infra/automations: a quality-regression event reaches the notification webhook."""
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    assert "quantflow-quality-regression" in platform["automations"]
+    with temporary_settings(updates={PREFECT_API_URL: platform["api_url"]}):
+        emit_event(event="quantflow.monitor.quality_regression",
+                   resource={"prefect.resource.id": "quantflow.deployment.smoke",
+                             "prefect.resource.name": "smoke", "quantflow.quantization": "gptq"},
+                   payload={"message": "mean quality 0.20 < 0.8", "severity": "critical"})
+        EventsWorker.drain_all(timeout=10, at_exit=False)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not webhook.received:
+        time.sleep(1)
+    assert webhook.received, "no notification reached the webhook"
+    note = webhook.received[0]
+    assert "quality regression on smoke" in note["subject"] and "0.20 < 0.8" in note["body"]

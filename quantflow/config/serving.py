@@ -20,7 +20,7 @@ class CompletionCheck(StrictModel):
 
 class KubernetesTarget(StrictModel):
     namespace: str = "default"
-    image: str = "vllm/vllm-openai:v0.11.0"
+    image: str = "vllm/vllm-openai:v0.33.0"
     gpus: int = Field(default=1, ge=1)
     # Value of the nvidia.com/gpu.product node label (GPU feature discovery).
     gpu_product: str | None = "NVIDIA-H100-80GB-HBM3"

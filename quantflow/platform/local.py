@@ -105,6 +105,11 @@ def up(port: int = 4200, pools=POOLS, with_workers: bool = True) -> dict:
     create_pools_and_limits(api_url, pools)
     register_deployments(api_url)
     record = {"api_url": api_url, "workers": start_workers(api_url, pools) if with_workers else {}}
+    webhook = os.environ.get("QUANTFLOW_ALERT_WEBHOOK_URL")
+    if webhook:
+        from quantflow.platform.automations import install_automations
+
+        record["automations"] = install_automations(api_url, webhook)
     (state_dir() / RECORD).write_text(json.dumps(record, indent=2))
     return record
 

@@ -1,0 +1,82 @@
+"""Optional human approval between a passing validation and deployment."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import needs_serving
+from helpers import stop_deployment
+from quantflow.flows.pipeline import REJECTED_STATE, quantize_pipeline
+from quantflow.serving.registry import DeploymentRegistry
+
+pytestmark = [pytest.mark.slow]
+
+
+def run_in_thread(fn):
+    """Run a flow beside the test, with the test's Prefect settings (contextvars)."""
+    box = {}
+    ctx = contextvars.copy_context()
+    thread = threading.Thread(target=lambda: box.update(state=ctx.run(fn)), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def wait_paused(api: str, output_dir: str, timeout_s: float = 300) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
+            "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}}).json()
+        for r in runs:
+            if r["parameters"]["config"]["output_dir"] == output_dir:
+                return r["id"]
+        time.sleep(1)
+    raise AssertionError("the flow never paused for approval")
+
+
+def decide(run_id: str, approve: bool, reason: str) -> None:
+    from prefect.flow_runs import resume_flow_run
+
+    resume_flow_run(run_id, run_input={"approve": approve, "reason": reason})
+
+
+def test_rejected_approval_deploys_nothing(prefect_server, config_factory):
+    cfg = config_factory(validation={"require_approval": True,
+                                     "perplexity": {"source": {"dataset": ".cache/demo/data/heldout.jsonl"},
+                                                    "window": 128}})
+    thread, box = run_in_thread(lambda: quantize_pipeline(config=cfg, return_state=True))
+    run_id = wait_paused(prefect_server, cfg.output_uri)
+    run = httpx.get(f"{prefect_server}/flow_runs/{run_id}", timeout=10).json()
+    assert run["state"]["name"] == "Paused"
+    decide(run_id, False, "perplexity fine but we ship on Mondays")
+    thread.join(120)
+    state = box["state"]
+    assert state.is_failed() and state.name == REJECTED_STATE
+    assert "ship on Mondays" in state.message
+    assert DeploymentRegistry().active(cfg.name) is None
+    summary = json.loads((Path(cfg.output_uri) / "pipeline_summary.json").read_text())
+    assert summary["outcome"] == "approval_rejected" and summary["verdict"] == "pass"
+
+
+@needs_serving
+@pytest.mark.serving
+def test_approved_model_is_deployed(prefect_server, config_factory):
+    cfg = config_factory(validation={"require_approval": True,
+                                     "perplexity": {"source": {"dataset": ".cache/demo/data/heldout.jsonl"},
+                                                    "window": 128}})
+    try:
+        thread, box = run_in_thread(lambda: quantize_pipeline(config=cfg, return_state=True))
+        decide(wait_paused(prefect_server, cfg.output_uri), True, "LGTM")
+        thread.join(600)
+        assert box["state"].is_completed(), box["state"].message
+        summary = json.loads((Path(cfg.output_uri) / "pipeline_summary.json").read_text())
+        assert summary["approval"] == "LGTM" and summary["outcome"] == "deployed"
+        assert DeploymentRegistry().active(cfg.name)["base_url"] == summary["endpoint"]
+    finally:
+        stop_deployment(cfg.name)
