@@ -25,10 +25,25 @@ def auth_headers(auth_string: str | None = None) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
 
 
+RETRY_STATUS = {502, 503, 504}  # a busy server (SQLite "database is locked" answers 503)
+
+
 class PrefectREST:
-    def __init__(self, api_url: str, auth_string: str | None = None, timeout_s: float = 30):
+    def __init__(self, api_url: str, auth_string: str | None = None, timeout_s: float = 30,
+                 retries: int = 5):
         self.http = httpx.Client(base_url=api_url.rstrip("/") + "/", headers=auth_headers(auth_string),
-                                 timeout=timeout_s)
+                                 timeout=timeout_s,
+                                 transport=httpx.HTTPTransport(retries=2))  # connection errors
+        self.retries = retries
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One API call, retried with backoff while the server answers 502/503/504."""
+        for attempt in range(self.retries + 1):
+            r = self.http.request(method, path, **kwargs)
+            if r.status_code not in RETRY_STATUS or attempt == self.retries:
+                return r
+            time.sleep(min(2 ** attempt * 0.5, 8))
+        return r
 
     def _ok(self, r: httpx.Response) -> Any:
         if r.status_code == 401:
@@ -40,18 +55,26 @@ class PrefectREST:
         return r.json()
 
     def deployment_id(self, name: str) -> str:
-        return self._ok(self.http.get(f"deployments/name/{name}"))["id"]
+        return self._ok(self.request("GET", f"deployments/name/{name}"))["id"]
 
     def create_flow_run(self, deployment: str, parameters: dict, idempotency_key: str | None = None,
                         tags: list[str] | None = None) -> dict:
         body: dict[str, Any] = {"parameters": parameters, "tags": tags or []}
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
-        return self._ok(self.http.post(f"deployments/{self.deployment_id(deployment)}/create_flow_run",
-                                       json=body))
+        return self._ok(self.request("POST", f"deployments/{self.deployment_id(deployment)}/create_flow_run",
+                                     json=body))
 
     def flow_run(self, run_id: str) -> dict:
-        return self._ok(self.http.get(f"flow_runs/{run_id}"))
+        return self._ok(self.request("GET", f"flow_runs/{run_id}"))
+
+    def resume(self, run_id: str, run_input: dict) -> dict:
+        """Answer a paused or suspended run (e.g. the approval form). An invalid input is
+        answered 200 with status REJECT, so the body is checked, not only the code."""
+        body = self._ok(self.request("POST", f"flow_runs/{run_id}/resume", json={"run_input": run_input}))
+        if body.get("status") != "ACCEPT":
+            raise ValueError(f"the server did not accept the input: {body.get('details') or body}")
+        return body
 
     def wait(self, run_id: str, timeout_s: float = 3600, poll_s: float = 2) -> dict:
         deadline = time.monotonic() + timeout_s

@@ -168,15 +168,22 @@ def wait_for_event(api: str, event: str, resource: str, timeout_s: float = 60) -
 
 
 def test_lm_eval_local_completions_against_the_live_server(live_deployment, demo_dir, monkeypatch):
+    """The same tasks through vLLM (bfloat16, served) and through transformers (hf backend)
+    on the same checkpoint agree up to bfloat16 rounding."""
     from quantflow.config import LmEvalCheck
     from quantflow.evaluation.lmeval import run_lm_eval
+    from quantflow.evaluation.loading import load_for_eval
 
     monkeypatch.setenv("OPENAI_API_KEY", live_deployment["key"])  # lm-eval sends it as a Bearer token
-    check = LmEvalCheck(enabled=True, backend="local-completions", include_path=str(demo_dir / "tasks"),
-                        max_length=128, tasks=[{"name": "demo_mc", "metric": "acc"},
-                                               {"name": "demo_ppl", "metric": "bits_per_byte"}])
+    tasks = [{"name": "demo_mc", "metric": "acc"}, {"name": "demo_ppl", "metric": "bits_per_byte"}]
+    served = LmEvalCheck(enabled=True, backend="local-completions", include_path=str(demo_dir / "tasks"),
+                         max_length=128, limit=40, tasks=tasks)
     endpoint = {"base_url": live_deployment["base_url"],
                 "served_model_name": live_deployment["served_model_name"]}
-    res = run_lm_eval(check, model_dir=live_deployment["model_dir"], max_length=128, endpoint=endpoint)
-    assert 0.25 <= res["demo_mc"]["acc,none"] <= 1.0  # above chance (4 choices)
-    assert 1.0 < res["demo_ppl"]["bits_per_byte,none"] < 3.0
+    via_vllm = run_lm_eval(served, model_dir=live_deployment["model_dir"], max_length=128, endpoint=endpoint)
+    model, tok = load_for_eval(live_deployment["model_dir"], "bfloat16", "cpu")
+    via_hf = run_lm_eval(served.model_copy(update={"backend": "hf"}), model=model, tokenizer=tok,
+                         model_dir=live_deployment["model_dir"], max_length=128)
+    assert abs(via_vllm["demo_mc"]["acc,none"] - via_hf["demo_mc"]["acc,none"]) <= 0.1
+    bpb_vllm, bpb_hf = via_vllm["demo_ppl"]["bits_per_byte,none"], via_hf["demo_ppl"]["bits_per_byte,none"]
+    assert 1.0 < bpb_hf < 3.0 and abs(bpb_vllm - bpb_hf) / bpb_hf < 0.03

@@ -125,7 +125,7 @@ def read_s3_json(uri: str) -> dict:
 
 def stage_runs(api: PrefectREST, parent_run: dict) -> dict[str, str]:
     """stage -> work pool of the stage runs dispatched by one pipeline run (via the API)."""
-    runs = api._ok(api.http.post("flow_runs/filter", json={
+    runs = api._ok(api.request("POST", "flow_runs/filter", json={
         "deployments": {"name": {"any_": ["gpu-a100", "gpu-h100"]}},
         "flow_runs": {"start_time": {"after_": parent_run["start_time"]}}}))
     return {r["parameters"]["stage"]: r["work_pool_name"] for r in runs
@@ -164,7 +164,7 @@ def test_rest_run_dispatches_gpu_stages_and_caches_on_s3(platform):
 
 
 def count_pipeline_runs(api: PrefectREST, output_dir: str) -> int:
-    runs = api._ok(api.http.post("flow_runs/filter", json={"flows": {"name": {"any_": ["quantize-pipeline"]}}}))
+    runs = api._ok(api.request("POST", "flow_runs/filter", json={"flows": {"name": {"any_": ["quantize-pipeline"]}}}))
     return sum(1 for r in runs if r["parameters"].get("config", {}).get("output_dir") == output_dir)
 
 
@@ -237,9 +237,9 @@ def test_approval_suspends_and_releases_the_worker(platform):
             break
     else:
         pytest.fail(f"flow-run process {pid} is still running while suspended")
-    answer = api.http.post(f"flow_runs/{run['id']}/resume",
-                           json={"run_input": {"approve": False, "reason": "not this week"}})
-    assert answer.status_code == 201 and answer.json()["status"] == "ACCEPT"
+    with pytest.raises(ValueError, match="did not accept"):
+        api.resume(run["id"], {"approve": "maybe"})  # not a boolean: refused, run stays suspended
+    assert api.resume(run["id"], {"approve": False, "reason": "not this week"})["status"] == "ACCEPT"
     final = api.wait(run["id"], timeout_s=600)
     assert final["state_name"] == "ApprovalRejected", final["state"]
     assert "not this week" in final["state"]["message"]
@@ -266,17 +266,17 @@ def test_gpu_job_templates_are_accepted_by_the_server(platform):
 
 def test_alert_event_triggers_the_shipped_automation(platform, webhook):
     """infra/automations: a quality-regression event reaches the notification webhook."""
-    from prefect.events import emit_event
-    from prefect.events.worker import EventsWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from datetime import datetime, timezone
 
     assert "quantflow-quality-regression" in platform["automations"]
-    with temporary_settings(updates={PREFECT_API_URL: platform["api_url"]}):
-        emit_event(event="quantflow.monitor.quality_regression",
-                   resource={"prefect.resource.id": "quantflow.deployment.smoke",
-                             "prefect.resource.name": "smoke", "quantflow.quantization": "gptq"},
-                   payload={"message": "mean quality 0.20 < 0.8", "severity": "critical"})
-        EventsWorker.drain_all(timeout=10, at_exit=False)
+    # The event a monitor emits, sent the way any other service can send one.
+    event = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
+             "event": "quantflow.monitor.quality_regression",
+             "resource": {"prefect.resource.id": "quantflow.deployment.smoke",
+                          "prefect.resource.name": "smoke", "quantflow.quantization": "gptq"},
+             "payload": {"message": "mean quality 0.20 < 0.8", "severity": "critical"}}
+    api = PrefectREST(platform["api_url"], AUTH)
+    assert api.request("POST", "events", json=[event]).status_code == 204
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not webhook.received:
         time.sleep(1)

@@ -53,7 +53,8 @@ class QuantConfig(StrictModel):
     # Method "prequantized": hub id or folder of a checkpoint someone else quantized
     # (compressed-tensors, GPTQ or AWQ format); model.id is then its full-precision baseline.
     checkpoint: str | None = None
-    # Where calibration runs. "cuda" on a machine without one is refused before loading.
+    # "cuda": require a GPU (refused before loading anything when there is none). Streamed
+    # schemes run on this device; calibrated methods onload layers to the GPU when one exists.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Data-free schemes stream safetensors shards (llm-compressor model_free_ptq), so a
     # 70B FP8 conversion needs disk, not GPU memory. Off = load the model and quantize in place.

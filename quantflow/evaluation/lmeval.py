@@ -57,7 +57,7 @@ def _model_and_args(backend: str, model, tokenizer, model_dir: str, check: LmEva
     assert endpoint is not None, "local-completions needs a running server"
     args = {"base_url": endpoint["base_url"] + "/v1/completions", "model": endpoint["served_model_name"],
             "tokenizer": model_dir, "tokenizer_backend": "huggingface", "tokenized_requests": True,
-            "num_concurrent": 2, "max_retries": 3, "batch_size": 1, "timeout": 300}
+            "num_concurrent": 4, "max_retries": 3, "batch_size": 1, "timeout": 300}
     if max_length:
         # vLLM scores max_length - 2 tokens per rolling window; HF scores max_length.
         args["max_length"] = max_length + 2

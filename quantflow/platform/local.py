@@ -117,25 +117,25 @@ def up(port: int = 4200, pools=POOLS, with_workers: bool = True) -> dict:
 def down() -> None:
     path = state_dir() / RECORD
     if path.exists():
-        for pid in json.loads(path.read_text()).get("workers", {}).values():
-            _stop_group(pid)
+        _stop_groups(list(json.loads(path.read_text()).get("workers", {}).values()))
         path.unlink()
     stop_local_server()
 
 
-def _stop_group(pid: int, timeout_s: float = 15) -> None:
+def _signal(pid: int, sig: int) -> bool:
     try:
-        os.killpg(pid, signal.SIGTERM)  # workers turn SIGTERM into a clean shutdown
+        os.killpg(pid, sig)
+        return True
     except ProcessLookupError:
-        return
+        return False
+
+
+def _stop_groups(pids: list[int], timeout_s: float = 15) -> None:
+    """SIGTERM all workers at once (they shut down cleanly on it), SIGKILL stragglers."""
+    alive = [p for p in pids if _signal(p, signal.SIGTERM)]
     end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
+    while alive and time.monotonic() < end:
         time.sleep(0.3)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        alive = [p for p in alive if _signal(p, 0)]
+    for p in alive:
+        _signal(p, signal.SIGKILL)
