@@ -112,6 +112,7 @@ def _print_completion(config, summary: dict) -> None:
     print(f"  try it       curl -s {summary['endpoint']}/v1/completions{auth} -H 'Content-Type: "
           f"application/json' -d '{{\"model\": \"{summary['served_model_name']}\", \"prompt\": "
           f"\"{prompt}\", \"max_tokens\": 16, \"temperature\": 0}}'")
+    print("  stop it      make stop   (or: quantflow stop)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -283,3 +283,16 @@ def test_alert_event_triggers_the_shipped_automation(platform, webhook):
     assert webhook.received, "no notification reached the webhook"
     note = webhook.received[0]
     assert "quality regression on smoke" in note["subject"] and "0.20 < 0.8" in note["body"]
+
+
+def test_requantize_runs_never_overlap(platform):
+    """deployments/prefect.yaml gives requantize a concurrency limit of 1 with CANCEL_NEW:
+    of two runs started together, one runs and the other is cancelled."""
+    api = PrefectREST(platform["api_url"], AUTH)
+    params = {"config": demo_params(f"s3://{BUCKET}/overlap/{uuid.uuid4().hex[:8]}")}
+    runs = [api.create_flow_run("requantize/requantize", params) for _ in range(2)]
+    finals = [api.wait(r["id"], timeout_s=900) for r in runs]
+    states = sorted(f["state_type"] for f in finals)
+    assert states == ["CANCELLED", "COMPLETED"], [(f["state_name"], f["state"]["message"]) for f in finals]
+    cancelled = next(f for f in finals if f["state_type"] == "CANCELLED")
+    assert "concurrency" in cancelled["state"]["message"].lower()

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from quantflow.config.base import StrictModel
 from quantflow.config.model import CalibrationConfig, ModelSpec
@@ -33,6 +33,14 @@ class PipelineConfig(StrictModel):
     @property
     def output_uri(self) -> str:
         return self.output_dir or f"runs/{self.name}"
+
+    @model_validator(mode="after")
+    def _fp4_evaluates_in_bfloat16(self) -> "PipelineConfig":
+        # NVFP4/MXFP4 checkpoints only run in bfloat16; both models are evaluated in the
+        # same dtype, so the baseline follows (it is measured again, in bfloat16).
+        if self.quant.method in ("nvfp4", "mxfp4") and self.validation.dtype == "float32":
+            self.validation = self.validation.model_copy(update={"dtype": "bfloat16"})
+        return self
 
 
 def format_validation_error(err: ValidationError) -> list[str]:
