@@ -27,7 +27,8 @@ DEMO_CONFIG = Path("configs/demo.yaml")
 def _overrides(args: argparse.Namespace) -> dict:
     return {"model.id": args.model, "quant.method": args.method, "quant.bits": args.bits,
             "quant.group_size": args.group_size, "output_dir": args.output_dir, "name": args.name,
-            "deploy.enabled": False if args.no_deploy else None}
+            "deploy.enabled": False if args.no_deploy else None,
+            "validation.lm_eval.limit": args.limit}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", help="run name (output folder, served model name)")
         p.add_argument("--output-dir", help="local folder or s3://bucket/prefix")
         p.add_argument("--no-deploy", action="store_true", help="stop after validation")
+        p.add_argument("--limit", type=float, help="lm-eval: examples per task (or fraction < 1) for quick runs")
         if name == "submit":
             p.add_argument("--deployment", default="quantize-pipeline/quantize-pipeline")
             p.add_argument("--idempotency-key", help="same key twice = the same run, created once")

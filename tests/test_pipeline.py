@@ -59,6 +59,14 @@ def test_flow_deploys_then_reruns_from_cache(prefect_server, config_factory):
         assert server_processes(first_pid) == []  # the old server was stopped, nothing orphaned
         assert cfg.deploy.health.expected in complete(redeployed["base_url"], redeployed["served_model_name"],
                                                       cfg.deploy.health.prompt, 4)
+
+        # A rollout whose new server cannot start fails the flow; the live one keeps serving.
+        broken = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"max_model_len": 100_000})})
+        failed = quantize_pipeline(config=broken, return_state=True)
+        assert failed.is_failed() and "keeps serving" in failed.message
+        assert DeploymentRegistry().active(cfg.name)["pid"] == redeployed["pid"]
+        assert cfg.deploy.health.expected in complete(redeployed["base_url"], redeployed["served_model_name"],
+                                                      cfg.deploy.health.prompt, 4)
     finally:
         stop_deployment(cfg.name)
 

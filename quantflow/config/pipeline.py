@@ -57,6 +57,8 @@ def format_validation_error(err: ValidationError) -> list[str]:
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    if isinstance(value, float) and value.is_integer() and value >= 1:
+        value = int(value)  # "--limit 20" means 20 examples, not a fraction
     node = data
     *parents, leaf = dotted.split(".")
     for key in parents:
