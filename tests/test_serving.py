@@ -134,7 +134,6 @@ def test_missing_serving_environment_says_how_to_install(validated_gptq, tmp_pat
 def test_schemes_cpu_serving_cannot_run_are_refused_before_starting(quant, message, validated_gptq,
                                                                     tmp_path):
     """Pre-flight says which hardware the checkpoint needs instead of a kernel error."""
-    from quantflow.serving.gate import verify_release  # noqa: F401 - the gate passes; pre-flight refuses
     from quantflow.tasks.validate import validate_model
 
     v = validated_gptq

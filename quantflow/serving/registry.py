@@ -8,7 +8,6 @@ name cannot interleave.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
