@@ -135,15 +135,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from quantflow.monitoring.exporter_process import stop_exporter
     from quantflow.prefect_server import stop_local_server
     from quantflow.serving.registry import DeploymentRegistry
-    from quantflow.tasks.deploy import stop_record
 
-    registry = DeploymentRegistry()
-    for name in registry.names():
-        record = registry.active(name)
-        if record and record.get("backend", "local") == "local":
-            stop_record(record)
-            registry.clear(name)
-            print(f"stopped vLLM server {name} ({record['base_url']})")
+    for record in DeploymentRegistry().stop_all():
+        print(f"stopped vLLM server {record['name']} ({record['base_url']})")
     if stop_exporter():
         print("stopped the metrics exporter")
     if not args.keep_prefect and stop_local_server():

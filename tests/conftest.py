@@ -49,6 +49,17 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running():
+    """After the session: no vLLM server or exporter started by a test keeps running."""
+    yield
+    from quantflow.monitoring.exporter_process import stop_exporter
+    from quantflow.serving.registry import DeploymentRegistry
+
+    DeploymentRegistry().stop_all()
+    stop_exporter()
+
+
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
     from quantflow.demo.assets import DEFAULT_DIR, build_demo_assets

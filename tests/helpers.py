@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from quantflow.serving.process import group_members
+from quantflow.serving.process import group_members, stop_record
 from quantflow.serving.registry import DeploymentRegistry
-from quantflow.tasks.deploy import stop_record
 
 
 def stop_deployment(name: str) -> None:

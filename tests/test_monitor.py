@@ -37,9 +37,10 @@ def sample(metrics, family, name, **labels) -> float:
 
 @pytest.fixture(scope="module")
 def exporter_url():
-    url = ensure_exporter("127.0.0.1", free_port())
+    port = free_port()
+    url = ensure_exporter("127.0.0.1", port)
     yield url
-    stop_exporter()
+    stop_exporter(port)
 
 
 def test_monitor_flow_exports_seed_metrics(prefect_server, live_deployment, exporter_url):
@@ -86,8 +87,8 @@ def test_history_survives_a_monitor_restart(prefect_server, live_deployment, exp
     # A new process would start from the store: load it fresh, as one would.
     assert len(load_state(store, "live").history) == before + len(cfg.probes)
     counts = scrape(exporter_url)["llm_inference_latency_seconds"]
-    stop_exporter()
     port = int(exporter_url.rsplit(":", 1)[1].split("/")[0])
+    assert stop_exporter(port) == 1
     url = ensure_exporter("127.0.0.1", port)
     assert scrape(url)["llm_inference_latency_seconds"] == counts
 

@@ -13,7 +13,7 @@ import httpx
 
 from quantflow.serving.registry import state_dir
 
-RECORD = "exporter.json"
+RECORDS = "exporters"  # one <port>.json per exporter started from this state folder
 
 
 def exporter_url(host: str, port: int) -> str:
@@ -39,7 +39,9 @@ def ensure_exporter(host: str, port: int, timeout_s: float = 30) -> str:
         proc = subprocess.Popen([sys.executable, "-m", "quantflow.monitoring.exporter", "--host", host,
                                  "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-    (state_dir() / RECORD).write_text(json.dumps({"pid": proc.pid, "url": url}))
+    records = state_dir() / RECORDS
+    records.mkdir(parents=True, exist_ok=True)
+    (records / f"{port}.json").write_text(json.dumps({"pid": proc.pid, "url": url}))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if _answers(url):
@@ -50,14 +52,19 @@ def ensure_exporter(host: str, port: int, timeout_s: float = 30) -> str:
     raise RuntimeError(f"metrics exporter did not start on {url}; see {log_path}")
 
 
-def stop_exporter() -> bool:
-    path = state_dir() / RECORD
-    if not path.exists():
-        return False
-    pid = json.loads(path.read_text())["pid"]
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    path.unlink(missing_ok=True)
-    return True
+def stop_exporter(port: int | None = None) -> int:
+    """Stop the exporter on `port`, or every exporter started from this state folder.
+    Returns how many were stopped."""
+    records = state_dir() / RECORDS
+    paths = [records / f"{port}.json"] if port else sorted(records.glob("*.json"))
+    stopped = 0
+    for path in paths:
+        if not path.exists():
+            continue
+        try:
+            os.killpg(json.loads(path.read_text())["pid"], signal.SIGTERM)
+            stopped += 1
+        except ProcessLookupError:
+            pass
+        path.unlink(missing_ok=True)
+    return stopped

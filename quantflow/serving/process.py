@@ -198,6 +198,16 @@ class VllmServer:
         return {**asdict(self.spec), "pid": self.pid, "base_url": self.spec.base_url}
 
 
+def server_of(record: dict) -> VllmServer:
+    """The server a deployment record describes (to check on it or stop it)."""
+    spec = ServerSpec(**{k: record[k] for k in ServerSpec.__dataclass_fields__})
+    return VllmServer(spec, pid=record["pid"])
+
+
+def stop_record(record: dict) -> None:
+    server_of(record).stop()
+
+
 class ServerFailed(Exception):
     def __init__(self, message: str, log_tail: str):
         self.log_tail = log_tail

@@ -59,6 +59,19 @@ class DeploymentRegistry:
         self.write(name, doc)
         return previous
 
+    def stop_all(self) -> list[dict]:
+        """Stop every active local server recorded here; returns their records."""
+        from quantflow.serving.process import stop_record
+
+        stopped = []
+        for name in self.names():
+            record = self.active(name)
+            if record and record.get("backend", "local") == "local":
+                stop_record(record)
+                self.clear(name)
+                stopped.append(record)
+        return stopped
+
     def clear(self, name: str) -> None:
         doc = self.read(name)
         if doc["active"]:

@@ -23,7 +23,8 @@ from quantflow.manifests import QuantizedManifest, ValidationManifest, now
 from quantflow.serving.environment import describe, serving_python
 from quantflow.serving.gate import verify_release
 from quantflow.serving.health import CompletionsClient, HealthCheckFailed, check_endpoint
-from quantflow.serving.process import ServerFailed, ServerSpec, VllmServer, is_loopback, port_free, vllm_args
+from quantflow.serving.process import (ServerFailed, ServerSpec, VllmServer, is_loopback, port_free,
+                                       server_of, stop_record, vllm_args)
 from quantflow.serving.registry import DeploymentRegistry, state_dir
 from quantflow.serving.temporary import serving_device
 from quantflow.store import ArtifactStore, read_uri
@@ -88,11 +89,6 @@ def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict) -
     return device
 
 
-def stop_record(record: dict) -> None:
-    spec = ServerSpec(**{k: record[k] for k in ServerSpec.__dataclass_fields__})
-    VllmServer(spec, pid=record["pid"]).stop()
-
-
 def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                  validation: ValidationManifest | None, output_uri: str, name: str,
                  monitor: MonitorConfig | None = None) -> dict:
@@ -112,8 +108,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
     registry = DeploymentRegistry()
     with registry.locked(name):
         active = registry.active(name)
-        if active and not VllmServer(ServerSpec(**{k: active[k] for k in ServerSpec.__dataclass_fields__}),
-                                     pid=active["pid"]).alive():
+        if active and not server_of(active).alive():
             log.warning("deploy: recorded server for %s (pid %s) is gone", name, active["pid"])
             registry.clear(name)
             active = None
