@@ -12,13 +12,15 @@ import json
 
 from quantflow.errors import StageError
 from quantflow.manifests import QuantizedManifest, ValidationManifest
-from quantflow.store import digest_of, read_uri, tree_sha256
+from quantflow.store import read_uri
 
 STAGE = "deploy"
 
 
 def verify_release(quantized: QuantizedManifest, validation: ValidationManifest | None,
-                   local_checkpoint) -> dict:
+                   served_sha256: str) -> dict:
+    """`served_sha256`: digest of the files about to be served, as fetch_quantized verified
+    them on disk (hashed once, not again here)."""
     if validation is None:
         raise StageError(STAGE, "no validation report: refusing to deploy an unvalidated model",
                          "run the validate stage first")
@@ -35,7 +37,7 @@ def verify_release(quantized: QuantizedManifest, validation: ValidationManifest 
     if not report.get("overall_pass"):
         raise StageError(STAGE, f"validation report says the model failed ({report.get('summary')}): "
                          "refusing to deploy")
-    served = digest_of(tree_sha256(local_checkpoint))
+    served = served_sha256
     if not (report.get("checkpoint_sha256") == validation.checkpoint_sha256 == served
             == quantized.checkpoint_sha256):
         raise StageError(STAGE, "the validation report is for a different checkpoint than the one "

@@ -93,8 +93,8 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                  validation: ValidationManifest | None, output_uri: str, name: str,
                  monitor: MonitorConfig | None = None) -> dict:
     store = ArtifactStore(output_uri)
-    local = fetch_quantized(quantized, STAGE)
-    report = verify_release(quantized, validation, local)
+    local = fetch_quantized(quantized, STAGE)  # every file's sha256 re-checked on disk
+    report = verify_release(quantized, validation, served_sha256=quantized.checkpoint_sha256)
     if deploy.backend == "kubernetes":
         from quantflow.serving.kubernetes import deploy_to_cluster
 
