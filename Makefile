@@ -50,5 +50,5 @@ quality-table: setup
 	$(VENV)/bin/python -m quantflow.demo
 	$(VENV)/bin/python -m quantflow.quality_table --out docs/quality-table.md
 
-clean: stop
+clean: stop down
 	rm -rf runs .quantflow

@@ -30,8 +30,9 @@ def split_uri(uri: str) -> tuple[ArtifactStore, str]:
     return ArtifactStore(parent or "."), name
 
 
-def fetch_quantized(manifest: QuantizedManifest, stage: str) -> Path:
-    """Local folder of the quantized checkpoint, with every file's sha256 re-checked."""
+def fetch_quantized(manifest: QuantizedManifest, stage: str) -> tuple[Path, str]:
+    """Local folder of the quantized checkpoint, with every file's sha256 re-checked, and
+    the digest of the files found (what a validation report must name)."""
     store, name = split_uri(manifest.uri)
     if not store.exists(name):
         raise StageError(stage, f"quantized checkpoint {manifest.uri} is missing",
@@ -43,11 +44,57 @@ def fetch_quantized(manifest: QuantizedManifest, stage: str) -> Path:
         raise StageError(stage, f"quantized checkpoint {manifest.uri} differs from what the "
                          f"quantize stage wrote ({', '.join(sorted({c[0] for c in changed})[:5])})",
                          "re-run the pipeline from the quantize stage (delete the folder)")
-    return local
+    return local, digest_of(found)
 
 
 def read_json_uri(uri: str) -> dict:
     return json.loads(read_uri(uri))
+
+
+def marker(stage: str) -> str:
+    """The file that says which manifest a stage's outputs in a folder belong to."""
+    return f"_manifests/{stage}.json"
+
+
+def begin_outputs(store: ArtifactStore, stage: str) -> None:
+    """Forget which manifest the folder's outputs belonged to before rewriting them, so a
+    write interrupted halfway is never mistaken for a complete earlier result."""
+    store.delete(marker(stage))
+
+
+def record_outputs(store: ArtifactStore, stage: str, manifest) -> None:
+    store.write_json(marker(stage), {"key": digest_of(manifest.key_data())})
+
+
+def outputs_match(store: ArtifactStore, stage: str, manifest) -> bool:
+    """A cached manifest is only good if the folder still holds the files it describes:
+    another run with other settings may have rewritten them since (same output_dir)."""
+    try:
+        return store.read_json(marker(stage))["key"] == digest_of(manifest.key_data())
+    except (FileNotFoundError, KeyError, ValueError):
+        return False
+
+
+TOKENIZER = "tokenizer"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def save_tokenizer(store: ArtifactStore, model_dir: Path) -> str:
+    """Stage 1 stores the tokenizer (every small non-weight file) beside its outputs, so a
+    stage that needs only the tokenizer never downloads the checkpoint."""
+    files = [p for p in model_dir.iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
+             and p.name != "model.safetensors.index.json" and p.stat().st_size < 64 * 2**20]
+    for p in files:
+        store.write_bytes(f"{TOKENIZER}/{p.name}", p.read_bytes())
+    return store.uri(TOKENIZER)
+
+
+def load_tokenizer(manifest: CheckpointManifest):
+    from transformers import AutoTokenizer
+
+    store, name = split_uri(manifest.tokenizer_uri)
+    return AutoTokenizer.from_pretrained(store.fetch_dir(name),
+                                         trust_remote_code=manifest.model.trust_remote_code)
 
 
 def local_checkpoint(manifest: CheckpointManifest, stage: str) -> Path:

@@ -117,6 +117,8 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 def shard_files(folder: Path) -> list[Path]:
+    """The checkpoint's shards: those its index names, when there is an index (some repos
+    also ship a consolidated copy of the same weights, which must not count twice)."""
     shards = sorted(folder.glob("*.safetensors"))
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -129,6 +131,7 @@ def shard_files(folder: Path) -> list[Path]:
         if missing:
             raise StageError(STAGE, f"shards listed in {index.name} are missing: {', '.join(missing)}",
                              "re-download the checkpoint")
+        shards = sorted(folder / n for n in named)
     if not shards:
         raise StageError(STAGE, f"no *.safetensors shards in {folder}",
                          "quantflow reads safetensors checkpoints; convert .bin weights with "

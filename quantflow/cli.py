@@ -18,9 +18,13 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
+
 from quantflow.errors import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_GATE = 0, 1, 2
+# Final state names of rejected runs (quantflow.flows.pipeline), without importing Prefect here.
+GATE_STATE, REJECTED_STATE = "QualityGateFailed", "ApprovalRejected"
 DEMO_CONFIG = Path("configs/demo.yaml")
 
 
@@ -46,7 +50,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def run_pipeline(config, show_completion: bool = True) -> int:
-    from quantflow.flows.pipeline import GATE_STATE, REJECTED_STATE, quantize_pipeline
+    from quantflow.flows.pipeline import quantize_pipeline
     from quantflow.prefect_server import prefect_api, ui_url
     from quantflow.store import ArtifactStore
 
@@ -57,8 +61,11 @@ def run_pipeline(config, show_completion: bool = True) -> int:
     summary = store.read_json("pipeline_summary.json") if store.exists("pipeline_summary.json") else {}
     _print_summary(summary, state)
     if state.is_completed():
-        if show_completion and summary.get("endpoint"):
-            _print_completion(config, summary)
+        if show_completion and summary.get("endpoint") and config.deploy.backend == "local":
+            try:
+                _print_completion(config, summary)
+            except httpx.HTTPError as err:  # the run succeeded; the sample is a courtesy
+                print(f"  completion   (could not fetch a sample: {err})")
         return EXIT_OK
     if state.name in (GATE_STATE, REJECTED_STATE):
         return EXIT_GATE
@@ -140,7 +147,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"stopped vLLM server {record['name']} ({record['base_url']})")
     if stop_exporter():
         print("stopped the metrics exporter")
-    if not args.keep_prefect and stop_local_server():
+    from quantflow.platform.local import running_platform
+
+    if running_platform():
+        print("left the Prefect server running: `make up`'s workers use it (make down stops both)")
+    elif not args.keep_prefect and stop_local_server():
         print("stopped the local Prefect server")
     return EXIT_OK
 
@@ -156,21 +167,23 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if not state.is_completed():
         print(f"monitor failed: {state.message}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"{args.deployment}: quality {result['quality_score']:.2f}, alerts {len(result['alerts'])}, "
-          f"p99 {result['p99_latency_s']}")
+    score = result["quality_score"]
+    print(f"{args.deployment}: quality {'n/a' if score is None else f'{score:.2f}'}, "
+          f"alerts {len(result['alerts'])}, p99 {result['p99_latency_s']}")
     return EXIT_GATE if result["alerts"] else EXIT_OK
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Create a run of the quantize-pipeline deployment through the REST API."""
     from quantflow.config import load_config
-    from quantflow.prefect_server import configured_api_url
+    from quantflow.prefect_server import configured_api_url, running_local_server
     from quantflow.submit import PrefectREST
 
     config = load_config(args.config, _overrides(args))
-    api_url = configured_api_url()
+    api_url = configured_api_url() or running_local_server()
     if not api_url:
-        print("error: PREFECT_API_URL is not set (start the platform with `make up`)", file=sys.stderr)
+        print("error: no Prefect API: set PREFECT_API_URL, or start the platform with `make up`",
+              file=sys.stderr)
         return EXIT_FAILED
     api = PrefectREST(api_url)
     run = api.create_flow_run(args.deployment, {"config": config.model_dump(mode="json")},
@@ -178,11 +191,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"flow run {run['id']} ({run['name']}) created: {api_url.removesuffix('/api')}/runs/flow-run/{run['id']}")
     if not args.wait:
         return EXIT_OK
-    final = api.wait(run["id"])
+    final = api.wait(run["id"], timeout_s=args.timeout)
+    if final["state_type"] not in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
+        print(f"flow run {run['name']} is still {final['state_name']} after {args.timeout:.0f}s; "
+              "stopped waiting (the run goes on)", file=sys.stderr)
+        return EXIT_FAILED
     print(f"flow run {run['name']} ended {final['state_name']}: {final['state']['message'] or ''}")
     if final["state_type"] == "COMPLETED":
         return EXIT_OK
-    return EXIT_GATE if final["state_name"] in ("QualityGateFailed", "ApprovalRejected") else EXIT_FAILED
+    return EXIT_GATE if final["state_name"] in (GATE_STATE, REJECTED_STATE) else EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--deployment", default="quantize-pipeline/quantize-pipeline")
             p.add_argument("--idempotency-key", help="same key twice = the same run, created once")
             p.add_argument("--wait", action="store_true", help="wait for the run and exit with its outcome")
+            p.add_argument("--timeout", type=float, default=48 * 3600, help="seconds --wait waits")
         p.set_defaults(fn=fn)
     p = sub.add_parser("stop", help="stop servers the demo started")
     p.add_argument("--keep-prefect", action="store_true", help="leave the Prefect server running")
@@ -222,11 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
     except (ConfigError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
+    except Exception as err:  # noqa: BLE001 - a message for a person; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

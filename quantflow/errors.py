@@ -33,11 +33,3 @@ class TransientError(QuantflowError):
     def __init__(self, stage: str, cause: str):
         self.stage = stage
         super().__init__(f"[{stage}] {cause}")
-
-
-class QualityGateFailed(QuantflowError):
-    """Validation rejected the quantized model; nothing was deployed."""
-
-    def __init__(self, summary: str, report_uri: str):
-        self.report_uri = report_uri
-        super().__init__(f"quality gate rejected the model: {summary} (report: {report_uri})")

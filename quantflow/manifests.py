@@ -42,6 +42,7 @@ class CheckpointManifest(Manifest):
     fingerprint: str  # digest of shard hashes + config.json
     architecture: dict[str, Any]
     baseline_uri: str  # baseline_metrics.json
+    tokenizer_uri: str  # the checkpoint's tokenizer files, copied into the store
     logprobs_uri: str | None = None  # baseline next-token log-probs for the KL check
     prequantized: bool = False
 

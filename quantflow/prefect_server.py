@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -18,6 +16,7 @@ from typing import Iterator
 
 import httpx
 
+from quantflow.processes import start_detached, stop_groups
 from quantflow.serving.registry import state_dir
 
 RECORD = "prefect-server.json"
@@ -37,17 +36,26 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
+def running_local_server() -> str | None:
+    """API URL of the local server `make up`/`make demo` started from this checkout, if up."""
+    record_path = state_dir() / RECORD
+    if record_path.exists():
+        url = json.loads(record_path.read_text())["api_url"]
+        if _healthy(url):
+            return url
+    return None
+
+
 def local_home() -> Path:
     return state_dir() / "prefect"
 
 
 def ensure_local_server(port: int = DEFAULT_PORT, timeout_s: float = 120) -> str:
     """API URL of the local server, starting it if it is not running."""
+    running = running_local_server()
+    if running:
+        return running
     record_path = state_dir() / RECORD
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        if _healthy(record["api_url"]):
-            return record["api_url"]
     api_url = f"http://127.0.0.1:{port}/api"
     if _healthy(api_url):
         return api_url
@@ -57,11 +65,9 @@ def ensure_local_server(port: int = DEFAULT_PORT, timeout_s: float = 120) -> str
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_API_HOST="127.0.0.1")
     prefect_bin = str(Path(sys.executable).with_name("prefect"))
-    with open(home / "server.log", "ab") as log:
-        proc = subprocess.Popen([prefect_bin, "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-    record_path.write_text(json.dumps({"pid": proc.pid, "api_url": api_url}))
+    proc, started = start_detached([prefect_bin, "server", "start", "--host", "127.0.0.1",
+                                    "--port", str(port)], home / "server.log", env)
+    record_path.write_text(json.dumps({**started, "api_url": api_url}))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if _healthy(api_url):
@@ -78,15 +84,7 @@ def stop_local_server() -> bool:
     record_path = state_dir() / RECORD
     if not record_path.exists():
         return False
-    pid = json.loads(record_path.read_text())["pid"]
-    try:
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(50):
-            os.killpg(pid, 0)
-            time.sleep(0.2)
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    stop_groups([json.loads(record_path.read_text())])
     record_path.unlink(missing_ok=True)
     return True
 

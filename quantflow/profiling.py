@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import psutil
@@ -18,7 +18,6 @@ class StageUsage:
     peak_rss_mib: float = 0.0
     # Peak GPU memory allocated by torch, when a GPU was used.
     peak_gpu_mib: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _tree_rss(proc: psutil.Process) -> int:
@@ -60,6 +59,7 @@ def measure(interval_s: float = 0.05) -> Iterator[StageUsage]:
         thread.join()
         peak[0] = max(peak[0], _tree_rss(proc))
         usage.peak_rss_mib = round(peak[0] / 2**20, 1)
+        cuda = _cuda()  # the stage may have been the first to touch the GPU
         if cuda:
             usage.peak_gpu_mib = round(cuda.max_memory_allocated() / 2**20, 1)
 
@@ -69,4 +69,6 @@ def _cuda():
         import torch
     except ImportError:
         return None
-    return torch.cuda if torch.cuda.is_available() else None
+    # Only a process that already uses the GPU: asking otherwise would create a CUDA context
+    # in every CPU-only stage and in the orchestrator.
+    return torch.cuda if torch.cuda.is_available() and torch.cuda.is_initialized() else None

@@ -79,7 +79,8 @@ def build_table(root: Path, work: Path) -> list[dict]:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| scheme | llm-compressor entry | perplexity (baseline) | Δ perplexity | size (baseline 14.17 MB) | quantize time |",
+    base_mb = rows[0]["baseline_mb"] if rows else 0.0
+    lines = [f"| scheme | llm-compressor entry | perplexity (baseline) | Δ perplexity | size (baseline {base_mb:.2f} MB) | quantize time |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['scheme']} | {r['entry_point']} | {r['ppl']:.3f} ({r['baseline_ppl']:.3f}"

@@ -65,11 +65,6 @@ class ArtifactStore:
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
-    def local_path(self, rel: str = "") -> Path:
-        if self.remote:
-            raise ValueError(f"{self.uri(rel)} is remote; use fetch_dir/fetch_file")
-        return Path(self._path(rel))
-
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self._path(rel))
 
@@ -104,17 +99,6 @@ class ArtifactStore:
     def delete(self, rel: str) -> None:
         if self.exists(rel):
             self.fs.rm(self._path(rel), recursive=True)
-
-    def put_file(self, local: str | Path, rel: str) -> str:
-        if self.remote:
-            self.fs.put_file(str(local), self._path(rel))
-        else:
-            dest = Path(self._path(rel))
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, dest)
-        return self.uri(rel)
 
     def put_dir(self, local_dir: str | Path, rel: str) -> str:
         """Publish a finished local folder as `rel`, replacing what was there."""
@@ -170,15 +154,6 @@ class ArtifactStore:
         except OSError:  # another worker finished the same download first
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
-
-    def fetch_file(self, rel: str) -> Path:
-        if not self.remote:
-            return Path(self._path(rel))
-        fd, tmp = tempfile.mkstemp(prefix="quantflow-", suffix=Path(rel).suffix)
-        os.close(fd)
-        self.fs.get_file(self._path(rel), tmp)
-        return Path(tmp)
-
 
 def _same_device(a: Path, b: Path) -> bool:
     try:

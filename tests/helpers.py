@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from quantflow.serving.process import group_members, stop_record
+from quantflow.processes import group_members
+from quantflow.serving.process import stop_record
 from quantflow.serving.registry import DeploymentRegistry
 
 

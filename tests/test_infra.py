@@ -33,7 +33,7 @@ def quantized() -> QuantizedManifest:
 
 
 @pytest.mark.parametrize("overrides", [
-    {},
+    {"kubernetes": {"model_subpath": "llama-3.1-8b-gptq"}},
     {"tensor_parallel_size": 2, "max_model_len": 8192, "max_num_seqs": 64, "enable_chunked_prefill": True,
      "kubernetes": {"gpus": 2, "gpu_product": "NVIDIA-A100-SXM4-80GB", "api_key_secret": "vllm-key",
                     "node_selector": {"pool": "inference"}, "service_type": "LoadBalancer",
@@ -56,7 +56,8 @@ def test_rendered_manifests_are_valid_kubernetes(overrides):
 
 def test_invalid_manifest_is_caught_by_the_schema_check():
     """The schema check itself can fail: a manifest with a misspelt field is rejected."""
-    deployment, _ = render(DeployConfig(backend="kubernetes"), quantized(), "x")
+    cfg = DeployConfig.model_validate({"backend": "kubernetes", "kubernetes": {"model_subpath": "m"}})
+    deployment, _ = render(cfg, quantized(), "x")
     deployment["spec"]["replica"] = 1
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
@@ -64,6 +65,14 @@ def test_invalid_manifest_is_caught_by_the_schema_check():
 
 def _exprs_metrics(expr: str) -> set[str]:
     return set(re.findall(r"\b(llm_[a-z0-9_]+|vllm:[a-z0-9_]+)", expr))
+
+
+def test_kubernetes_config_refuses_incomplete_or_open_targets():
+    with pytest.raises(ValueError, match="model_subpath is required"):
+        DeployConfig.model_validate({"backend": "kubernetes"})
+    with pytest.raises(ValueError, match="without an API key"):
+        DeployConfig.model_validate({"backend": "kubernetes", "kubernetes": {
+            "model_subpath": "m", "service_type": "LoadBalancer"}})
 
 
 def test_prometheus_rules_reference_real_metrics():
@@ -115,7 +124,7 @@ def test_work_pool_templates_are_current_and_render_valid_gpu_jobs():
     for name, template in generated.items():
         committed = json.loads((REPO / "infra/work-pools" / name).read_text())
         assert committed == template, f"{name} is stale: run python -m quantflow.platform.job_templates"
-    for pool, spec in GPU_CLASSES.items():
+    for pool, spec in [("cpu", None), *GPU_CLASSES.items()]:
         t = generated[f"kubernetes-{pool}.json"]
         values = {k: v.get("default") for k, v in t["variables"]["properties"].items()}
         # What the Kubernetes worker passes in: command as a list, env as name/value pairs.
@@ -124,6 +133,10 @@ def test_work_pool_templates_are_current_and_render_valid_gpu_jobs():
         job = apply_values(t["job_configuration"]["job_manifest"], values)
         kubernetes_validate.validate(job, K8S_VERSION, strict=True)
         pod = job["spec"]["template"]["spec"]
+        assert pod["containers"][0]["image"] == "ghcr.io/quantflow/pipeline:0.1.0-cuda"
+        if spec is None:
+            assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+            continue
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": spec["product"]}
         assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -140,10 +153,9 @@ def test_helm_values_wire_pools_auth_and_templates():
         values = yaml.safe_load((REPO / f"infra/helm/prefect-worker-{pool}.yaml").read_text())["worker"]
         assert values["config"]["workPool"] == pool and values["apiConfig"] == "selfHostedServer"
         assert values["selfHostedServerApiConfig"]["basicAuth"]["enabled"]
-        if pool != "cpu":
-            cm = values["config"]["baseJobTemplate"]["existingConfigMapName"]
-            assert cm == f"quantflow-{pool}-job-template"
-            assert (REPO / "infra/work-pools" / f"kubernetes-{pool}.json").exists()
+        cm = values["config"]["baseJobTemplate"]["existingConfigMapName"]
+        assert cm == f"quantflow-{pool}-job-template"
+        assert (REPO / "infra/work-pools" / f"kubernetes-{pool}.json").exists()
 
 
 def test_dockerfile_copies_only_what_exists():

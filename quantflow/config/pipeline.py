@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,18 @@ class PipelineConfig(StrictModel):
         return self.output_dir or f"runs/{self.name}"
 
     @model_validator(mode="after")
-    def _fp4_evaluates_in_bfloat16(self) -> "PipelineConfig":
+    def _cross_section_rules(self) -> "PipelineConfig":
         # NVFP4/MXFP4 checkpoints only run in bfloat16; both models are evaluated in the
         # same dtype, so the baseline follows (it is measured again, in bfloat16).
-        if self.quant.method in ("nvfp4", "mxfp4") and self.validation.dtype == "float32":
-            self.validation = self.validation.model_copy(update={"dtype": "bfloat16"})
+        if self.quant.method in ("nvfp4", "mxfp4"):
+            if self.validation.dtype == "float16":
+                raise ValueError(f"validation.dtype float16 cannot run {self.quant.method} checkpoints; "
+                                 "use bfloat16")
+            if self.validation.dtype == "float32":
+                self.validation = self.validation.model_copy(update={"dtype": "bfloat16"})
+        if self.monitor.metrics_port in (self.deploy.port, self.deploy.port + 1):
+            raise ValueError(f"monitor.metrics_port {self.monitor.metrics_port} collides with the serving "
+                             f"ports deploy.port and deploy.port + 1 ({self.deploy.port}, {self.deploy.port + 1})")
         return self
 
 
@@ -70,7 +78,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None,
                  source: str = "parameters") -> PipelineConfig:
-    data = dict(data)
+    data = copy.deepcopy(data)  # overrides must not change the caller's nested dicts
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)

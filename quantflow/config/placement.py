@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from quantflow.config.base import StrictModel
 
+DISPATCHABLE = ("checkpoint", "calibration", "quantize", "validate")
+
 
 class PlacementConfig(StrictModel):
-    # Work pool per GPU stage, e.g. {"quantize": "gpu-h100", "validate": "gpu-a100"}.
-    # A stage not named runs inside the orchestrating flow's process.
+    # Work pool per stage, e.g. {"quantize": "gpu-h100", "validate": "gpu-a100"}: the stage
+    # runs as a run of the quantflow-stage/<pool> deployment (`make up` registers them).
+    # Stages not named, and deploy/monitor, run in the orchestrating flow's process.
     pools: dict[str, str] = {}
-    # Global concurrency limit (slots) per pool, so GPU classes are never oversubscribed.
-    gpu_slots: dict[str, int] = Field(default_factory=lambda: {"gpu-a100": 1, "gpu-h100": 1})
-    # Seconds to wait for a dispatched stage run before failing the pipeline.
+    # Seconds to wait for a dispatched stage run; then it is cancelled and the pipeline fails.
     stage_timeout_s: float = Field(default=6 * 3600, gt=0)
+
+    @field_validator("pools")
+    @classmethod
+    def _known_stages(cls, pools: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(pools) - set(DISPATCHABLE))
+        if unknown:
+            raise ValueError(f"placement.pools: {', '.join(unknown)} cannot be sent to a pool; allowed "
+                             f"stages: {', '.join(DISPATCHABLE)} (deploy runs where the pipeline runs)")
+        return pools

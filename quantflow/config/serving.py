@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from quantflow.config.base import StrictModel
 
@@ -63,7 +63,7 @@ class DeployConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Python of the serving environment; default $QUANTFLOW_SERVING_PYTHON or .venv-serve.
     serving_python: str | None = None
-    cpu_kv_cache_gib: float = Field(default=1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0)  # CPU only: --kv-cache-memory-bytes
     startup_timeout_s: float = Field(default=600, gt=0)
     request_timeout_s: float = Field(default=60, gt=0)
     min_free_disk_gib: float = Field(default=1.0, ge=0)
@@ -71,15 +71,28 @@ class DeployConfig(StrictModel):
     extra_args: list[str] = []
     kubernetes: KubernetesTarget = KubernetesTarget()
 
+    @model_validator(mode="after")
+    def _kubernetes_is_complete(self) -> "DeployConfig":
+        if self.backend != "kubernetes":
+            return self
+        k = self.kubernetes
+        if not k.model_subpath:
+            raise ValueError("deploy.kubernetes.model_subpath is required with backend kubernetes: the "
+                             f"checkpoint's folder inside the PersistentVolumeClaim {k.model_pvc!r}")
+        if k.service_type != "ClusterIP" and not k.api_key_secret and not self.allow_unauthenticated:
+            raise ValueError(f"deploy.kubernetes.service_type {k.service_type} exposes the model beyond the "
+                             "cluster without an API key: set deploy.kubernetes.api_key_secret")
+        return self
+
 
 class MonitorConfig(StrictModel):
     enabled: bool = True
     # Known-good prompts and answers, probed against the live endpoint.
-    probes: list[CompletionCheck] = [
+    probes: list[CompletionCheck] = Field(min_length=1, default=[
         CompletionCheck(prompt="The capital of France is", expected="Paris"),
         CompletionCheck(prompt="2 + 2 =", expected="4"),
         CompletionCheck(prompt="The chemical symbol for gold is", expected="Au"),
-    ]
+    ])
     # Alert when the mean quality score of the last `window` probe rounds is below this.
     window: int = Field(default=10, ge=1)
     min_mean_score: float = Field(default=0.8, ge=0, le=1)

@@ -56,7 +56,7 @@ class LmEvalCheck(StrictModel):
     # local-completions: a temporary vLLM server from the serving environment.
     backend: Literal["hf", "vllm", "local-completions"] = "hf"
     # Examples per task (int) or fraction (float < 1) for quick runs; None = all.
-    limit: int | float | None = None
+    limit: int | float | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, ge=1)
     # Context length lm-eval uses; None = the model's max_position_embeddings.
     max_length: int | None = Field(default=None, ge=16)

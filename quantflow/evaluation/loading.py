@@ -21,14 +21,15 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def load_for_eval(model_dir: str | Path, dtype: str, device: str):
+def load_for_eval(model_dir: str | Path, dtype: str, device: str, trust_remote_code: bool = False):
     """(model, tokenizer) in eval mode. Quantized checkpoints are decompressed by
     compressed-tensors on load, so both models run the same dense kernels and any
     difference in the numbers comes from the quantized weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_libraries()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype],
+                                                 trust_remote_code=trust_remote_code)
     model.to(pick_device(device)).eval()
     return model, tokenizer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import io
 import logging
 from pathlib import Path
@@ -13,6 +15,7 @@ from quantflow.config import DeployConfig, ValidationConfig
 from quantflow.evaluation.consistency import greedy_generations, next_token_logprobs
 from quantflow.evaluation.loading import load_for_eval
 from quantflow.evaluation.perplexity import perplexity
+from quantflow.errors import StageError
 from quantflow.store import ArtifactStore, read_uri
 from quantflow.textdata import joined_text, load_documents
 
@@ -25,10 +28,16 @@ def heldout_text(validation: ValidationConfig, stage: str) -> str:
 
 
 def evaluate_model(model_dir: str | Path, validation: ValidationConfig, store: ArtifactStore,
-                   name: str, stage: str, serving: DeployConfig | None = None) -> dict[str, Any]:
+                   name: str, stage: str, serving: DeployConfig | None = None,
+                   trust_remote_code: bool = False) -> dict[str, Any]:
     """Metrics for one model; next-token log-probs go to `{name}_logprobs.pt` in the store."""
     metrics: dict[str, Any] = {}
-    model, tok = load_for_eval(model_dir, validation.dtype, validation.device)
+    lm = validation.lm_eval
+    if lm.enabled and lm.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise StageError(stage, "validation.lm_eval.backend 'vllm' runs vLLM inside the pipeline "
+                         "environment, which has none (its pins conflict with llm-compressor's)",
+                         "use backend local-completions: a temporary server from the serving environment")
+    model, tok = load_for_eval(model_dir, validation.dtype, validation.device, trust_remote_code)
     text = heldout_text(validation, stage) if (validation.perplexity.enabled
                                                or validation.consistency.enabled) else ""
     ppl_cfg = validation.perplexity
@@ -50,10 +59,19 @@ def evaluate_model(model_dir: str | Path, validation: ValidationConfig, store: A
         rel = f"{name}_logprobs.pt"
         store.write_bytes(rel, buf.getvalue())
         metrics["logprobs"] = {"uri": store.uri(rel), "tokens": lp.shape[0], "vocab": lp.shape[1]}
-    if validation.lm_eval.enabled:
+    if validation.lm_eval.enabled and validation.lm_eval.backend == "hf":
         metrics["lm_eval"] = _lm_eval(model, tok, str(model_dir), validation, serving)
     del model
+    free_memory()  # a vLLM engine or the next stage needs the GPU memory back
+    if validation.lm_eval.enabled and validation.lm_eval.backend != "hf":
+        metrics["lm_eval"] = _lm_eval(None, tok, str(model_dir), validation, serving)
     return metrics
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _lm_eval(model, tok, model_dir: str, validation: ValidationConfig,
@@ -65,11 +83,15 @@ def _lm_eval(model, tok, model_dir: str, validation: ValidationConfig,
     if check.backend == "local-completions":
         from quantflow.serving.temporary import temporary_server
 
-        cfg = serving or DeployConfig()
-        cfg = cfg.model_copy(update={"dtype": validation.dtype})
-        with temporary_server(model_dir, cfg, max_model_len=(max_length or 2048) + 2) as endpoint:
+        # Both models are served alike: the checkpoint's dtype ("auto"; bfloat16 for float32
+        # checkpoints on CPU, where vLLM's int4 kernels need it).
+        cfg = (serving or DeployConfig()).model_copy(update={"dtype": "auto"})
+        positions = getattr(tok, "model_max_length", None) or 2048
+        context = min((max_length or 2048) + 2, positions if positions < 10**6 else 2048)
+        with temporary_server(model_dir, cfg, max_model_len=context) as endpoint:
             return run_lm_eval(check, model_dir=model_dir, max_length=max_length, endpoint=endpoint)
     return run_lm_eval(check, model=model, tokenizer=tok, model_dir=model_dir, max_length=max_length)
+
 
 
 def load_logprobs(uri: str) -> torch.Tensor:

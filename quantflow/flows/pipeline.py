@@ -23,7 +23,7 @@ from quantflow.tasks.monitor import monitor_task
 from quantflow.profiling import measure
 
 log = logging.getLogger("quantflow.pipeline")
-GATE_STATE = "QualityGateFailed"
+GATE_STATE = "QualityGateFailed"  # also in quantflow.cli and infra/automations
 REJECTED_STATE = "ApprovalRejected"
 
 

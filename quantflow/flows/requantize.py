@@ -13,6 +13,7 @@ from quantflow.checkpoints import cheap_fingerprint, looks_like_path
 from quantflow.config import PipelineConfig, TextSource
 from quantflow.flows.pipeline import quantize_pipeline
 from quantflow.store import ArtifactStore, digest_of
+from quantflow.tasks.policy import code_digest, recipe_digest
 from quantflow.versions import tool_versions
 
 log = logging.getLogger("quantflow.requantize")
@@ -41,8 +42,8 @@ def inputs_fingerprint(config: PipelineConfig) -> dict[str, str]:
     return {"model": cheap_fingerprint(config.model),  # hub: the revision's commit sha
             "calibration": data_fingerprint(config.calibration.source),
             "heldout": data_fingerprint(config.validation.perplexity.source),
-            "toolchain": digest_of(tool_versions()),
-            "config": digest_of(config.model_dump(mode="json"))}
+            "toolchain": digest_of([tool_versions(), code_digest()]),
+            "config": digest_of([config.model_dump(mode="json"), recipe_digest(config.quant)])}
 
 
 @flow(name="requantize", log_prints=True)

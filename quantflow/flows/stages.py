@@ -21,7 +21,8 @@ from pydantic import BaseModel
 from quantflow.manifests import (CalibrationManifest, CheckpointManifest, Manifest, QuantizedManifest,
                                  ValidationManifest)
 from quantflow.profiling import measure
-from quantflow.store import ArtifactStore, digest_of
+from quantflow.artifacts import marker, outputs_match, record_outputs
+from quantflow.store import ArtifactStore
 from quantflow.tasks.calibration import calibration_task
 from quantflow.tasks.checkpoint import checkpoint_task
 from quantflow.tasks.quantize import quantize_task
@@ -52,24 +53,6 @@ class StageRecord:
 
 def _missing_outputs(store: ArtifactStore, name: str, files: tuple[str, ...]) -> bool:
     return any(not store.exists(f) for f in (*files, marker(name)))
-
-
-def marker(stage: str) -> str:
-    return f"_manifests/{stage}.json"
-
-
-def record_outputs(store: ArtifactStore, stage: str, manifest: Manifest) -> None:
-    """Note which manifest the files in the output folder belong to."""
-    store.write_json(marker(stage), {"key": digest_of(manifest.key_data())})
-
-
-def outputs_match(store: ArtifactStore, stage: str, manifest: Manifest) -> bool:
-    """A cached manifest is only good if the folder still holds the files it describes:
-    another run with other settings may have rewritten them since (same output_dir)."""
-    try:
-        return store.read_json(marker(stage))["key"] == digest_of(manifest.key_data())
-    except (FileNotFoundError, KeyError, ValueError):
-        return False
 
 
 def run_cached_stage(name: str, output_uri: str, pool: str | None = None,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
 import httpx
 
+from quantflow.processes import start_detached, stop_groups
 from quantflow.serving.registry import state_dir
 
 RECORDS = "exporters"  # one <port>.json per exporter started from this state folder
@@ -33,15 +32,12 @@ def ensure_exporter(host: str, port: int, timeout_s: float = 30) -> str:
     if _answers(url):
         return url
     log_path = state_dir() / "exporter.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "QUANTFLOW_STATE_DIR": str(state_dir())}
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "quantflow.monitoring.exporter", "--host", host,
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    proc, started = start_detached([sys.executable, "-m", "quantflow.monitoring.exporter", "--host", host,
+                                    "--port", str(port)], log_path, env)
     records = state_dir() / RECORDS
     records.mkdir(parents=True, exist_ok=True)
-    (records / f"{port}.json").write_text(json.dumps({"pid": proc.pid, "url": url}))
+    (records / f"{port}.json").write_text(json.dumps({**started, "url": url}))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if _answers(url):
@@ -56,15 +52,9 @@ def stop_exporter(port: int | None = None) -> int:
     """Stop the exporter on `port`, or every exporter started from this state folder.
     Returns how many were stopped."""
     records = state_dir() / RECORDS
-    paths = [records / f"{port}.json"] if port else sorted(records.glob("*.json"))
-    stopped = 0
-    for path in paths:
-        if not path.exists():
-            continue
-        try:
-            os.killpg(json.loads(path.read_text())["pid"], signal.SIGTERM)
-            stopped += 1
-        except ProcessLookupError:
-            pass
-        path.unlink(missing_ok=True)
-    return stopped
+    paths = [p for p in ([records / f"{port}.json"] if port else sorted(records.glob("*.json")))
+             if p.exists()]
+    stop_groups([json.loads(p.read_text()) for p in paths], waits=(5, 2, 2))
+    for p in paths:
+        p.unlink(missing_ok=True)
+    return len(paths)

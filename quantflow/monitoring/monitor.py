@@ -23,21 +23,36 @@ def state_uri(record: dict, cfg: MonitorConfig) -> str:
     return cfg.state_uri or f"{record['output_uri'].rstrip('/')}/monitor"
 
 
+def client_for(record: dict) -> CompletionsClient:
+    """A client for a deployment record; the API key comes from the environment variable
+    the deployment named, never from the record."""
+    key = os.environ.get(record.get("api_key_env") or "QUANTFLOW_API_KEY") if record.get("auth") else None
+    return CompletionsClient(record["base_url"], record["served_model_name"], key)
+
+
 def monitor_round(record: dict, cfg: MonitorConfig) -> dict[str, Any]:
     """Probe the deployment described by `record` (a deployment registry entry) once."""
     store = ArtifactStore(state_uri(record, cfg))
     state = load_state(store, record["name"])
     state.model = record["served_model_name"]
     state.quantization = record.get("label", "")
-    key = os.environ.get(record.get("api_key_env") or "QUANTFLOW_API_KEY") if record.get("auth") else None
-    client = CompletionsClient(record["base_url"], record["served_model_name"], key)
+    client = client_for(record)
     alerts = []
     try:
         results = run_probes(client, cfg.probes, state)
     finally:
         client.close()
-    score = state.add_probes(results, cfg.window)
-    if score < cfg.min_mean_score:
+    answered = [r for r in results if "error" not in r]
+    failed = [r for r in results if "error" in r]
+    if failed:
+        # An unreachable or refusing endpoint says nothing about the model's quality: it is
+        # its own alert, and those probes stay out of the quality window.
+        alerts.append(raise_alert(
+            state, "endpoint_unreachable", "critical",
+            f"{len(failed)} of {len(results)} probes got no answer from {record['base_url']}: "
+            f"{failed[0]['error']}", {"errors": [r["error"] for r in failed]}))
+    score = state.add_probes(answered, cfg.window) if answered else state.quality_score
+    if score is not None and answered and score < cfg.min_mean_score:
         alerts.append(raise_alert(
             state, "quality_regression", "critical",
             f"mean quality of the last {min(cfg.window, len(state.history))} probes is "
@@ -59,8 +74,9 @@ def monitor_round(record: dict, cfg: MonitorConfig) -> dict[str, Any]:
                                   "since the previous check",
                                   {"p99_s": p99, "threshold_s": cfg.latency_p99_max_s}))
     save_state(store, state)
-    log.info("monitor %s: quality %.2f over %d probes, p99 %s, %d alert(s)", record["name"], score,
-             min(cfg.window, len(state.history)), f"{p99:.3f}s" if p99 is not None else "n/a", len(alerts))
+    log.info("monitor %s: quality %s over %d probes, p99 %s, %d alert(s)", record["name"],
+             f"{score:.2f}" if score is not None else "n/a", min(cfg.window, len(state.history)),
+             f"{p99:.3f}s" if p99 is not None else "n/a", len(alerts))
     return {"deployment": record["name"], "quality_score": score, "probes": results,
             "p99_latency_s": p99, "alerts": alerts, "state_uri": store.uri()}
 
@@ -73,8 +89,7 @@ def load_round(record: dict, cfg: MonitorConfig, requests: int, concurrency: int
 
     store = ArtifactStore(state_uri(record, cfg))
     state = load_state(store, record["name"])
-    key = os.environ.get(record.get("api_key_env") or "QUANTFLOW_API_KEY") if record.get("auth") else None
-    client = CompletionsClient(record["base_url"], record["served_model_name"], key)
+    client = client_for(record)
     try:
         stats = load_check(client, [p.prompt for p in cfg.probes], requests, concurrency,
                            max_tokens, state, deadline_s)

@@ -31,11 +31,30 @@ def prefect_default(worker_type: str) -> dict:
     return json.loads(out.stdout)
 
 
-def kubernetes_gpu(default: dict, pool: str) -> dict:
-    spec = GPU_CLASSES[pool]
+def kubernetes_cpu(default: dict) -> dict:
+    """The orchestration pool: Prefect's template with the pipeline image, whose flow code
+    lives in /opt/quantflow (the deployments' pull step reads $QUANTFLOW_HOME)."""
     t = copy.deepcopy(default)
     props = t["variables"]["properties"]
     props["image"]["default"] = IMAGE
+    props["env"]["default"] = {"QUANTFLOW_HOME": "/opt/quantflow"}
+    # The orchestrating flow waits on GPU stages and runs calibration/deploy bookkeeping.
+    props["cpu_request"]["default"], props["cpu_limit"]["default"] = "1", "2"
+    props["memory_request"]["default"], props["memory_limit"]["default"] = "4Gi", "8Gi"
+    job_spec = t["job_configuration"]["job_manifest"]["spec"]
+    pod = job_spec["template"]["spec"]
+    # Prefect's default puts these Job fields in the pod spec, where strict field
+    # validation rejects them; they belong to the Job.
+    for field in ("completions", "parallelism"):
+        if field in pod:
+            job_spec[field] = pod.pop(field)
+    return t
+
+
+def kubernetes_gpu(default: dict, pool: str) -> dict:
+    spec = GPU_CLASSES[pool]
+    t = kubernetes_cpu(default)
+    props = t["variables"]["properties"]
     props["gpu_count"] = {"title": "GPUs", "type": "integer", "default": 1, "minimum": 1,
                           "description": "nvidia.com/gpu limit of the flow-run pod."}
     props["node_selector"] = {"title": "Node selector", "type": "object",
@@ -48,13 +67,7 @@ def kubernetes_gpu(default: dict, pool: str) -> dict:
                          "description": "Size of /dev/shm (PyTorch data loading and NCCL need more than 64M)."}
     props["cpu_request"]["default"] = props["cpu_limit"]["default"] = spec["cpu"]
     props["memory_request"]["default"] = props["memory_limit"]["default"] = spec["memory"]
-    job_spec = t["job_configuration"]["job_manifest"]["spec"]
-    pod = job_spec["template"]["spec"]
-    # Prefect's default puts these Job fields in the pod spec, where strict field
-    # validation rejects them; they belong to the Job.
-    for field in ("completions", "parallelism"):
-        if field in pod:
-            job_spec[field] = pod.pop(field)
+    pod = t["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     container["resources"]["limits"]["nvidia.com/gpu"] = "{{ gpu_count }}"
     container["resources"]["requests"]["nvidia.com/gpu"] = "{{ gpu_count }}"
@@ -77,7 +90,7 @@ def process_gpu(default: dict, pool: str) -> dict:
 
 def templates() -> dict[str, dict]:
     k8s, proc = prefect_default("kubernetes"), prefect_default("process")
-    out = {}
+    out = {"kubernetes-cpu.json": kubernetes_cpu(k8s)}
     for pool in GPU_CLASSES:
         out[f"kubernetes-{pool}.json"] = kubernetes_gpu(k8s, pool)
         out[f"process-{pool}.json"] = process_gpu(proc, pool)

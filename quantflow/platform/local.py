@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from quantflow.prefect_server import ensure_local_server, stop_local_server
+from quantflow.processes import group_members, reused, start_detached, stop_groups
 from quantflow.serving.registry import state_dir
 
 log = logging.getLogger("quantflow.platform")
@@ -67,17 +66,13 @@ def register_deployments(api_url: str, prefect_file: Path = REPO / "deployments"
 
 def start_workers(api_url: str, pools=POOLS, poll_s: int = 2) -> dict[str, int]:
     logs = state_dir() / "workers"
-    logs.mkdir(parents=True, exist_ok=True)
     env = {**client_env(api_url), "PREFECT_WORKER_QUERY_SECONDS": str(poll_s)}
-    pids = {}
+    workers = {}
     for pool in pools:
-        with open(logs / f"{pool}.log", "ab") as fh:
-            proc = subprocess.Popen([_prefect_bin(), "worker", "start", "--pool", pool, "--type", "process",
-                                     "--name", f"{pool}-{os.uname().nodename}"], cwd=REPO, env=env,
-                                    stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        pids[pool] = proc.pid
-    return pids
+        _, workers[pool] = start_detached([_prefect_bin(), "worker", "start", "--pool", pool, "--type",
+                                           "process", "--name", f"{pool}-{os.uname().nodename}"],
+                                          logs / f"{pool}.log", env, cwd=str(REPO))
+    return workers
 
 
 RESULTS_BLOCK = "remote-file-system/quantflow-results"
@@ -97,7 +92,21 @@ def configure_result_storage(api_url: str, results_uri: str) -> str:
     return RESULTS_BLOCK
 
 
+def running_platform() -> dict | None:
+    path = state_dir() / RECORD
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    alive = [w for w in record.get("workers", {}).values() if not reused(w["pid"], w.get("create_time"))
+             and group_members(w["pid"])]
+    return record if alive else None
+
+
 def up(port: int = 4200, pools=POOLS, with_workers: bool = True) -> dict:
+    running = running_platform()
+    if running:  # a second `make up` must not start a second set of workers
+        log.info("the platform is already up (%s); `make down` stops it", running["api_url"])
+        return running
     api_url = ensure_local_server(port=port)
     results_uri = os.environ.get("QUANTFLOW_RESULTS_URI")
     if results_uri:
@@ -117,25 +126,7 @@ def up(port: int = 4200, pools=POOLS, with_workers: bool = True) -> dict:
 def down() -> None:
     path = state_dir() / RECORD
     if path.exists():
-        _stop_groups(list(json.loads(path.read_text()).get("workers", {}).values()))
+        # Workers turn SIGTERM into a clean shutdown; all are stopped at once.
+        stop_groups(list(json.loads(path.read_text()).get("workers", {}).values()), waits=(15, 5, 5))
         path.unlink()
     stop_local_server()
-
-
-def _signal(pid: int, sig: int) -> bool:
-    try:
-        os.killpg(pid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _stop_groups(pids: list[int], timeout_s: float = 15) -> None:
-    """SIGTERM all workers at once (they shut down cleanly on it), SIGKILL stragglers."""
-    alive = [p for p in pids if _signal(p, signal.SIGTERM)]
-    end = time.monotonic() + timeout_s
-    while alive and time.monotonic() < end:
-        time.sleep(0.3)
-        alive = [p for p in alive if _signal(p, 0)]
-    for p in alive:
-        _signal(p, signal.SIGKILL)

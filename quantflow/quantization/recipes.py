@@ -2,7 +2,7 @@
 
 Recipes are written as YAML text, not built from modifier objects: the text is what is
 saved next to the checkpoint and what a user passes to llm-compressor directly to get
-the same tensors (tests/test_quantize_equivalence.py checks that).
+the same tensors (tests/test_quantize.py::test_pipeline_equals_direct_llmcompressor).
 """
 
 from __future__ import annotations

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from quantflow.config import QuantConfig
+from quantflow.config import ModelSpec, QuantConfig
 from quantflow.quantization import cpu_pinning
 from quantflow.quantization.recipes import recipe_yaml, streaming_scheme
 
@@ -41,7 +42,7 @@ def run_streaming(model_dir: Path, q: QuantConfig, out_dir: Path, device: str) -
 
 
 def run_oneshot(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None,
-                out_dir: Path) -> str:
+                out_dir: Path, model_spec: ModelSpec | None = None) -> str:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,13 +50,15 @@ def run_oneshot(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None,
     # for every oneshot run; it only exists where there is no accelerator.
     if cpu_pinning.apply():
         log.debug("no accelerator: activation pinning disabled (cpu_pinning.py)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    spec = model_spec or ModelSpec(id=str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code)
     # Sequential onloading: loaded on the CPU, and llm-compressor's sequential pipeline moves
     # one decoder layer at a time to the accelerator, so GPU memory bounds a layer, not the
     # model. Without it the "basic" pipeline calibrates wherever the model is, so the whole
     # model goes to the GPU first (measured on an H200: left on the CPU it ran 19x slower).
     whole_on_gpu = not q.sequential_onloading and torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto",
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=spec.dtype,
+                                                 trust_remote_code=spec.trust_remote_code,
                                                  device_map="cuda" if whole_on_gpu else None)
     kwargs = {}
     if calib_ids is not None:
@@ -71,12 +74,16 @@ def run_oneshot(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None,
     oneshot(model=model, tokenizer=tokenizer, recipe=recipe_yaml(q), **kwargs)
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
+    del model
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # validation or serving in this process needs the GPU next
     return "oneshot"
 
 
 def quantize(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None, out_dir: Path,
-             device: str) -> str:
+             device: str, model: ModelSpec | None = None) -> str:
     """Quantize into out_dir; returns which llm-compressor entry point ran."""
     if streaming_scheme(q) is not None:
         return run_streaming(model_dir, q, out_dir, device)
-    return run_oneshot(model_dir, q, calib_ids if q.needs_calibration else None, out_dir)
+    return run_oneshot(model_dir, q, calib_ids if q.needs_calibration else None, out_dir, model)

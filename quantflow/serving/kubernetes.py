@@ -15,6 +15,7 @@ from typing import Any
 from quantflow.config import DeployConfig
 from quantflow.errors import StageError
 from quantflow.manifests import QuantizedManifest, now
+from quantflow.serving.process import engine_args
 
 STAGE = "deploy"
 PORT = 8000
@@ -30,19 +31,9 @@ def render(cfg: DeployConfig, quantized: QuantizedManifest, name: str) -> list[d
     labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/managed-by": "quantflow",
               "quantflow.io/checkpoint-sha256": quantized.checkpoint_sha256[:63]}
     served = cfg.served_model_name or name
-    args = ["--model", "/models/" + (k.model_subpath or ""), "--served-model-name", served,
-            "--host", "0.0.0.0", "--port", str(PORT),
-            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
-            "--gpu-memory-utilization", str(cfg.gpu_memory_utilization), "--dtype", cfg.dtype]
-    if cfg.max_model_len:
-        args += ["--max-model-len", str(cfg.max_model_len)]
-    if cfg.max_num_seqs:
-        args += ["--max-num-seqs", str(cfg.max_num_seqs)]
-    if cfg.max_num_batched_tokens:
-        args += ["--max-num-batched-tokens", str(cfg.max_num_batched_tokens)]
-    if cfg.enable_chunked_prefill is not None:
-        args.append("--enable-chunked-prefill" if cfg.enable_chunked_prefill else "--no-enable-chunked-prefill")
-    args += list(cfg.extra_args)
+    args = ["--model", f"/models/{k.model_subpath}", "--served-model-name", served,
+            "--host", "0.0.0.0", "--port", str(PORT), *engine_args(cfg, cfg.max_model_len),
+            "--gpu-memory-utilization", str(cfg.gpu_memory_utilization), *cfg.extra_args]
     env = [{"name": "HF_HUB_OFFLINE", "value": "1"}]
     if k.api_key_secret:
         env.append({"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": k.api_key_secret,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from quantflow.config import DeployConfig
+from quantflow.processes import group_members, reused, start_detached, stop_groups
 
 LOG_TAIL_LINES = 25
 # Lines printed by every vLLM exit (nanobind leak reports) that hide the real error.
@@ -41,8 +41,8 @@ class ServerSpec:
 
     @property
     def base_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}"
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
 
 def is_loopback(host: str) -> bool:
@@ -55,18 +55,20 @@ def is_loopback(host: str) -> bool:
 
 
 def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    host = "127.0.0.1" if host == "localhost" else host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1" if host in ("localhost",) else host, port))
+            s.bind((host, port))
             return True
         except OSError:
             return False
 
 
-def vllm_args(cfg: DeployConfig, device: str, max_model_len: int | None) -> list[str]:
-    args = ["--dtype", cfg.dtype, "--tensor-parallel-size", str(cfg.tensor_parallel_size),
-            "--disable-uvicorn-access-log"]
+def engine_args(cfg: DeployConfig, max_model_len: int | None) -> list[str]:
+    """vLLM engine flags from the serving settings (shared by local and Kubernetes serving)."""
+    args = ["--dtype", cfg.dtype, "--tensor-parallel-size", str(cfg.tensor_parallel_size)]
     if max_model_len:
         args += ["--max-model-len", str(max_model_len)]
     if cfg.max_num_seqs:
@@ -76,6 +78,11 @@ def vllm_args(cfg: DeployConfig, device: str, max_model_len: int | None) -> list
     if cfg.enable_chunked_prefill is not None:
         args.append("--enable-chunked-prefill" if cfg.enable_chunked_prefill
                     else "--no-enable-chunked-prefill")
+    return args
+
+
+def vllm_args(cfg: DeployConfig, device: str, max_model_len: int | None) -> list[str]:
+    args = engine_args(cfg, max_model_len) + ["--disable-uvicorn-access-log"]
     if device == "cpu":
         # An explicit KV-cache size plus eager mode skips vLLM's warm-up and compilation:
         # ~15 s to healthy instead of ~80 s, and the cache is not sized from host memory.
@@ -98,9 +105,10 @@ def server_env(spec: ServerSpec, api_key: str | None) -> dict[str, str]:
 
 
 class VllmServer:
-    def __init__(self, spec: ServerSpec, pid: int | None = None):
+    def __init__(self, spec: ServerSpec, pid: int | None = None, create_time: float | None = None):
         self.spec = spec
         self.pid = pid
+        self.create_time = create_time
         self._proc: subprocess.Popen | None = None
 
     def start(self, api_key: str | None) -> "VllmServer":
@@ -110,11 +118,8 @@ class VllmServer:
         Path(self.spec.log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.spec.log_path, "ab") as log:
             log.write(f"\n$ {' '.join(cmd)}\n".encode())
-            log.flush()
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True,
-                                          env=server_env(self.spec, api_key))
-        self.pid = self._proc.pid
+        self._proc, started = start_detached(cmd, Path(self.spec.log_path), server_env(self.spec, api_key))
+        self.pid, self.create_time = started["pid"], started["create_time"]
         return self
 
     def exit_code(self) -> int | None:
@@ -125,15 +130,9 @@ class VllmServer:
     def alive(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        if not self.pid:
+        if not self.pid or reused(self.pid, self.create_time):
             return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return not _is_zombie(self.pid)
+        return self.pid in group_members(self.pid)
 
     def wait_healthy(self, timeout_s: float, progress=None) -> None:
         """Poll /health until 200; raise ServerFailed if the process exits or time runs out."""
@@ -159,27 +158,13 @@ class VllmServer:
     def stop(self, timeout_s: float = 10) -> None:
         if not self.pid:
             return
-        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            if not _group_alive(self.pid):
-                break
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                break
-            end = time.monotonic() + wait
-            while time.monotonic() < end and _group_alive(self.pid):
-                if self._proc is not None:
-                    try:
-                        self._proc.wait(timeout=0.2)
-                    except subprocess.TimeoutExpired:
-                        pass
-                else:
-                    time.sleep(0.2)
+        stop_groups([{"pid": self.pid, "create_time": self.create_time}], waits=(timeout_s, 5, 5),
+                    on_wait=self._reap)
+        self._reap()
+
+    def _reap(self) -> None:
         if self._proc is not None:
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+            self._proc.poll()  # collect our own child so it does not linger as a zombie
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The root-cause error line (if any) and the last lines, without exit noise."""
@@ -195,13 +180,14 @@ class VllmServer:
         return "\n".join(tail)
 
     def record(self) -> dict:
-        return {**asdict(self.spec), "pid": self.pid, "base_url": self.spec.base_url}
+        return {**asdict(self.spec), "pid": self.pid, "create_time": self.create_time,
+                "base_url": self.spec.base_url}
 
 
 def server_of(record: dict) -> VllmServer:
     """The server a deployment record describes (to check on it or stop it)."""
     spec = ServerSpec(**{k: record[k] for k in ServerSpec.__dataclass_fields__})
-    return VllmServer(spec, pid=record["pid"])
+    return VllmServer(spec, pid=record["pid"], create_time=record.get("create_time"))
 
 
 def stop_record(record: dict) -> None:
@@ -212,31 +198,3 @@ class ServerFailed(Exception):
     def __init__(self, message: str, log_tail: str):
         self.log_tail = log_tail
         super().__init__(f"{message}\n--- server log (last lines) ---\n{log_tail}")
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1].startswith("Z")
-    except OSError:
-        return False
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is pgid."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().split(") ", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
-
-
-def _group_alive(pgid: int) -> bool:
-    return bool(group_members(pgid))

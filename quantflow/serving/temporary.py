@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -31,7 +32,8 @@ def temporary_server(model_dir: str, cfg: DeployConfig, max_model_len: int | Non
     python = serving_python(cfg.serving_python)
     info = describe(python)
     device = serving_device(cfg, info)
-    log = Path(tempfile.mkdtemp(prefix="quantflow-vllm-")) / "server.log"
+    workdir = Path(tempfile.mkdtemp(prefix="quantflow-vllm-"))
+    log = workdir / "server.log"
     spec = ServerSpec(model_dir=str(model_dir), served_model_name=name, host="127.0.0.1",
                       port=free_port(), python=str(python), device=device, log_path=str(log),
                       args=vllm_args(cfg, device, max_model_len))
@@ -41,3 +43,4 @@ def temporary_server(model_dir: str, cfg: DeployConfig, max_model_len: int | Non
         yield {"base_url": spec.base_url, "served_model_name": name, "log_path": str(log)}
     finally:
         server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

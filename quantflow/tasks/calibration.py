@@ -9,7 +9,7 @@ import random
 import torch
 from prefect import task
 
-from quantflow.artifacts import local_checkpoint
+from quantflow.artifacts import begin_outputs, load_tokenizer
 from quantflow.config import CalibrationConfig
 from quantflow.errors import StageError
 from quantflow.manifests import CalibrationManifest, CheckpointManifest
@@ -86,12 +86,11 @@ def check_samples(ids: torch.Tensor, cfg: CalibrationConfig, vocab_size: int) ->
 
 def build_calibration(calibration: CalibrationConfig, checkpoint: CheckpointManifest,
                       output_uri: str) -> CalibrationManifest:
-    from transformers import AutoTokenizer
-
     store = ArtifactStore(output_uri)
+    begin_outputs(store, STAGE)
     with measure() as usage:
         docs = load_documents(calibration.source, STAGE, FIELD)
-        tokenizer = AutoTokenizer.from_pretrained(local_checkpoint(checkpoint, STAGE))
+        tokenizer = load_tokenizer(checkpoint)  # stored by stage 1: no checkpoint download
         budget = 2 * calibration.num_samples * calibration.seq_len
         stream = token_stream(docs, tokenizer, budget, calibration.seed)
         ids = sample_windows(stream, calibration.num_samples, calibration.seq_len, calibration.seed)
@@ -114,4 +113,4 @@ def build_calibration(calibration: CalibrationConfig, checkpoint: CheckpointMani
     return manifest
 
 
-calibration_task = task(**stage_task_options(STAGE, __name__))(build_calibration)
+calibration_task = task(**stage_task_options(STAGE))(build_calibration)

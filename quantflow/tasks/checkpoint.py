@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prefect import task
 
+from quantflow.artifacts import begin_outputs, save_tokenizer
 from quantflow.checkpoints import read_config, read_safetensors_header, resolve_model, shard_files
 from quantflow.config import DeployConfig, ModelSpec, ValidationConfig
 from quantflow.errors import StageError
@@ -52,6 +53,7 @@ def architecture(config: dict, headers: dict[str, dict], shards: list[Path]) -> 
 def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_uri: str,
                        serving: DeployConfig | None = None) -> CheckpointManifest:
     store = ArtifactStore(output_uri)
+    begin_outputs(store, STAGE)
     with measure() as usage:
         path = resolve_model(model)
         config = read_config(path)
@@ -64,7 +66,8 @@ def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_ur
             raise StageError(STAGE, f"{path} holds no tensors", "re-download or re-save the checkpoint")
         log.info("checkpoint: %s, %.1fM params, %d layers, %.1f MB", arch["model_type"],
                  arch["params"] / 1e6, arch["layers"] or 0, arch["size_bytes"] / 1e6)
-        baseline = evaluate_model(path, validation, store, "baseline", STAGE, serving)
+        baseline = evaluate_model(path, validation, store, "baseline", STAGE, serving,
+                                  trust_remote_code=model.trust_remote_code)
         ppl = baseline.get("perplexity", {}).get("perplexity")
         if ppl is not None and not (ppl == ppl and ppl < float("inf")):
             raise StageError(STAGE, f"baseline perplexity is {ppl}: the weights produce no "
@@ -75,11 +78,12 @@ def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_ur
                "architecture": arch, "shards": hashes, "metrics": baseline,
                "validation_config": validation.model_dump(mode="json"), "versions": tool_versions()}
         baseline_uri = store.write_json("baseline_metrics.json", doc)
+        tokenizer_uri = save_tokenizer(store, path)
     return CheckpointManifest(
         model=model, local_path=str(path), shards=hashes,
         fingerprint=digest_of({"shards": hashes, "config": config}), architecture=arch,
-        baseline_uri=baseline_uri, logprobs_uri=baseline.get("logprobs", {}).get("uri"),
+        baseline_uri=baseline_uri, tokenizer_uri=tokenizer_uri, logprobs_uri=baseline.get("logprobs", {}).get("uri"),
         prequantized=prequantized, versions=tool_versions(), usage=vars(usage))
 
 
-checkpoint_task = task(**stage_task_options(STAGE, __name__))(prepare_checkpoint)
+checkpoint_task = task(**stage_task_options(STAGE))(prepare_checkpoint)

@@ -40,8 +40,10 @@ GPU_ONLY_FORMATS = {"nvfp4-pack-quantized": "NVFP4 needs an NVIDIA GPU (native F
 
 def weight_bits(quantized: QuantizedManifest) -> set[int]:
     """Integer weight widths in the checkpoint's quantization_config."""
-    config = json.loads(read_uri(f"{quantized.uri}/config.json"))
-    groups = config.get("quantization_config", {}).get("config_groups", {}) or {}
+    qcfg = json.loads(read_uri(f"{quantized.uri}/config.json")).get("quantization_config", {})
+    if qcfg.get("quant_method") in ("gptq", "awq"):  # AutoGPTQ / AutoAWQ format
+        return {int(qcfg.get("bits", qcfg.get("w_bit", 4)))}
+    groups = qcfg.get("config_groups", {}) or {}
     return {g["weights"]["num_bits"] for g in groups.values()
             if isinstance(g, dict) and (g.get("weights") or {}).get("type") == "int"}
 
@@ -59,7 +61,7 @@ def choose_port(cfg: DeployConfig, active: dict | None) -> int:
                      "free one of them or set deploy.port to another pair")
 
 
-def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict) -> str:
+def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict, local: Path) -> str:
     device = serving_device(cfg, env_info)
     if device == "cuda" and not env_info.get("cuda"):
         raise StageError(STAGE, "deploy.device is 'cuda' but the serving environment sees no GPU",
@@ -82,7 +84,7 @@ def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict) -
         raise StageError(STAGE, f"deploy.host {cfg.host} is reachable beyond this machine and no "
                          f"API key is set (${cfg.api_key_env} is empty)",
                          f"export {cfg.api_key_env}=<secret>, or bind to 127.0.0.1")
-    free_gib = shutil.disk_usage(Path.cwd()).free / 2**30
+    free_gib = shutil.disk_usage(local).free / 2**30
     if free_gib < cfg.min_free_disk_gib:
         raise StageError(STAGE, f"only {free_gib:.1f} GiB free disk, deploy.min_free_disk_gib is "
                          f"{cfg.min_free_disk_gib}", "free disk space")
@@ -93,17 +95,20 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                  validation: ValidationManifest | None, output_uri: str, name: str,
                  monitor: MonitorConfig | None = None) -> dict:
     store = ArtifactStore(output_uri)
-    local = fetch_quantized(quantized, STAGE)  # every file's sha256 re-checked on disk
-    report = verify_release(quantized, validation, served_sha256=quantized.checkpoint_sha256)
     if deploy.backend == "kubernetes":
         from quantflow.serving.kubernetes import deploy_to_cluster
 
+        # The pod reads the checkpoint from its volume, not from here: the report is bound
+        # to the manifest's digest (copying the checkpoint to the volume is the operator's job).
+        verify_release(quantized, validation, served_sha256=quantized.checkpoint_sha256)
         record = deploy_to_cluster(deploy, quantized, name)
         store.write_json("deployment.json", record)
         return record
+    local, on_disk = fetch_quantized(quantized, STAGE)  # every file's sha256 re-checked
+    verify_release(quantized, validation, served_sha256=on_disk)
     python = serving_python(deploy.serving_python)
     info = describe(python)
-    device = preflight(deploy, quantized, info)
+    device = preflight(deploy, quantized, info, local)
     served_name = deploy.served_model_name or name
     registry = DeploymentRegistry()
     with registry.locked(name):
@@ -140,7 +145,6 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
         record = {**server.record(), "name": name, "label": quantized.label,
                   "checkpoint_sha256": quantized.checkpoint_sha256, "output_uri": output_uri,
                   "validation_report": validation.report_uri if validation else None,
-                  "verdict": "pass" if report.get("overall_pass") else "fail",
                   "serving": {k: info.get(k) for k in ("flavor", "vllm_version")},
                   "health": health, "deployed_at": now(), "backend": "local",
                   "monitor": monitor.model_dump(mode="json") if monitor else None,

@@ -1,17 +1,17 @@
 """Caching and retry rules shared by every stage task.
 
 Cache key = stage name + the stage's inputs (configs and upstream manifests, without
-timestamps) + the checkpoint's fingerprint + tool versions + the stage's source code.
+timestamps; recipe files by content) + the checkpoint's fingerprint + tool versions +
+quantflow's source code.
 Same model revision, same stage config, same tools => cache hit, across flow runs
 (Prefect's DEFAULT policy includes the run id and never reuses results across runs).
 """
 
 from __future__ import annotations
 
-import inspect
-import sys
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +19,8 @@ from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
 from quantflow.checkpoints import cheap_fingerprint
-from quantflow.config import ModelSpec
+import quantflow
+from quantflow.config import ModelSpec, QuantConfig
 from quantflow.errors import QuantflowError, TransientError
 from quantflow.manifests import Manifest
 from quantflow.store import digest_of
@@ -39,21 +40,32 @@ def key_data(value: Any) -> Any:
 
 
 @cache
-def module_digest(module_name: str) -> str:
-    return digest_of(inspect.getsource(sys.modules[module_name]))
+def code_digest() -> str:
+    """Digest of quantflow's whole source: a change to any stage's helpers (recipes,
+    evaluation, loading) must invalidate cached results, not only the task module."""
+    root = Path(quantflow.__file__).parent
+    return digest_of([(str(p.relative_to(root)), p.read_bytes().hex())
+                      for p in sorted(root.rglob("*.py"))])
+
+
+def recipe_digest(quant: QuantConfig) -> str | None:
+    """A recipe file is an input by content, not by path."""
+    if quant.method == "recipe" and quant.recipe and Path(quant.recipe).is_file():
+        return digest_of(Path(quant.recipe).read_text())
+    return None
 
 
 @dataclass
 class StageCache(CachePolicy):
     stage: str = ""
-    module: str = ""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
         data = {"stage": self.stage, "inputs": key_data(inputs), "versions": tool_versions(),
-                "source": module_digest(self.module) if self.module else None}
+                "source": code_digest()}
         models = [v for v in inputs.values() if isinstance(v, ModelSpec)]
         data["model_fingerprints"] = [cheap_fingerprint(m) for m in models]
+        data["recipes"] = [recipe_digest(v) for v in inputs.values() if isinstance(v, QuantConfig)]
         return f"quantflow-{self.stage}-{digest_of(data)[:32]}"
 
 
@@ -81,5 +93,5 @@ TASK_DEFAULTS: dict[str, Any] = dict(retries=2, retry_delay_seconds=[5, 30],
                                      retry_condition_fn=retry_transient, persist_result=True)
 
 
-def stage_task_options(stage: str, module: str) -> dict[str, Any]:
-    return dict(name=stage, cache_policy=StageCache(stage=stage, module=module), **TASK_DEFAULTS)
+def stage_task_options(stage: str) -> dict[str, Any]:
+    return dict(name=stage, cache_policy=StageCache(stage=stage), **TASK_DEFAULTS)

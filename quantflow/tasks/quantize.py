@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from quantflow.artifacts import load_calibration, local_checkpoint
+from quantflow.artifacts import begin_outputs, load_calibration, local_checkpoint
 from quantflow.checkpoints import read_config, resolve_model, shard_files, read_safetensors_header
 from quantflow.config import ModelSpec, QuantConfig
 from quantflow.errors import StageError
@@ -53,6 +54,12 @@ def _copy_prequantized(quant: QuantConfig, dest: Path) -> str:
                          "or pick a quantization method")
     for shard in shard_files(src):
         read_safetensors_header(shard)
+    fmt = config["quantization_config"].get("quant_method")
+    if fmt in ("gptq", "awq") and importlib.util.find_spec("gptqmodel") is None:
+        raise StageError(STAGE, f"quant.checkpoint is in {fmt.upper()} format; validating it means running "
+                         "it in transformers, which needs the gptqmodel kernels (not in the pipeline "
+                         "environment, and GPU-only)",
+                         "pip install gptqmodel on a GPU worker, or use a compressed-tensors checkpoint")
     shutil.copytree(src, dest, dirs_exist_ok=True)
     return "none"
 
@@ -61,6 +68,7 @@ def quantize_model(quant: QuantConfig, checkpoint: CheckpointManifest,
                    calibration: CalibrationManifest | None, output_uri: str) -> QuantizedManifest:
     store = ArtifactStore(output_uri)
     device = preflight(quant, calibration)
+    begin_outputs(store, STAGE)
     scratch = store.scratch_dir(OUTPUT)
     try:
         with measure() as usage:
@@ -72,7 +80,8 @@ def quantize_model(quant: QuantConfig, checkpoint: CheckpointManifest,
                 recipe = recipe_yaml(quant)
                 log.info("quantize: %s (%s) on %s", quant.label, "calibrated" if quant.needs_calibration
                          else "data-free", device)
-                entry = quantize(local_checkpoint(checkpoint, STAGE), quant, ids, scratch, device)
+                entry = quantize(local_checkpoint(checkpoint, STAGE), quant, ids, scratch, device,
+                                 model=checkpoint.model)
                 (scratch / "quantflow_recipe.yaml").write_text(recipe)
             qconfig = json.loads((scratch / "config.json").read_text()).get("quantization_config", {})
             files = tree_sha256(scratch)
@@ -89,4 +98,4 @@ def quantize_model(quant: QuantConfig, checkpoint: CheckpointManifest,
         versions=tool_versions(), usage=vars(usage))
 
 
-quantize_task = task(**stage_task_options(STAGE, __name__))(quantize_model)
+quantize_task = task(**stage_task_options(STAGE))(quantize_model)

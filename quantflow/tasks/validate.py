@@ -8,7 +8,7 @@ import logging
 
 from prefect import task
 
-from quantflow.artifacts import fetch_quantized, read_json_uri
+from quantflow.artifacts import begin_outputs, fetch_quantized, read_json_uri
 from quantflow.config import DeployConfig, ValidationConfig
 from quantflow.errors import StageError
 from quantflow.evaluation.compare import compare
@@ -38,13 +38,15 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
                    quantized: QuantizedManifest, output_uri: str,
                    serving: DeployConfig | None = None) -> ValidationManifest:
     store = ArtifactStore(output_uri)
+    begin_outputs(store, STAGE)
     with measure() as usage:
         baseline_doc = read_json_uri(checkpoint.baseline_uri)
         if baseline_doc["validation_config"] != validation.model_dump(mode="json"):
             raise StageError(STAGE, "the baseline was measured with different validation settings",
                              "re-run the pipeline so stage 1 re-measures the baseline")
-        local = fetch_quantized(quantized, STAGE)
-        candidate = evaluate_model(local, validation, store, "quantized", STAGE, serving)
+        local, _ = fetch_quantized(quantized, STAGE)
+        candidate = evaluate_model(local, validation, store, "quantized", STAGE, serving,
+                                   trust_remote_code=checkpoint.model.trust_remote_code)
         kl = None
         if validation.consistency.enabled and checkpoint.logprobs_uri:
             kl = mean_kl(load_logprobs(checkpoint.logprobs_uri),
@@ -78,4 +80,4 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
                               summary=report["summary"], versions=tool_versions(), usage=vars(usage))
 
 
-validate_task = task(**stage_task_options(STAGE, __name__))(validate_model)
+validate_task = task(**stage_task_options(STAGE))(validate_model)
