@@ -111,6 +111,10 @@ class QuantConfig(StrictModel):
         if m == "recipe" and not self.recipe:
             raise ValueError("quant.recipe is required for method 'recipe': the path of an "
                              "llm-compressor recipe YAML")
+        for name, owner in (("fp8_scheme", "fp8"), ("smoothing_strength", "w8a8"),
+                            ("awq_version", "awq")):
+            if m != owner and self._changed(name):
+                raise ValueError(f"quant.{name} applies to method {owner!r} only, not {m!r}")
         if m != "recipe" and self.recipe:
             raise ValueError(f"quant.recipe is only used with method 'recipe' (method is {m!r})")
         if m == "prequantized" and not self.checkpoint:

@@ -56,7 +56,7 @@ def run_oneshot(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None,
     # one decoder layer at a time to the accelerator, so GPU memory bounds a layer, not the
     # model. Without it the "basic" pipeline calibrates wherever the model is, so the whole
     # model goes to the GPU first (measured on an H200: left on the CPU it ran 19x slower).
-    whole_on_gpu = not q.sequential_onloading and torch.cuda.is_available()
+    whole_on_gpu = not q.sequential_onloading and q.device != "cpu" and torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=spec.dtype,
                                                  trust_remote_code=spec.trust_remote_code,
                                                  device_map="cuda" if whole_on_gpu else None)

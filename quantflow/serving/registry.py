@@ -65,11 +65,12 @@ class DeploymentRegistry:
 
         stopped = []
         for name in self.names():
-            record = self.active(name)
-            if record and record.get("backend", "local") == "local":
-                stop_record(record)
-                self.clear(name)
-                stopped.append(record)
+            with self.locked(name):  # not while a rollout of the same name is switching
+                record = self.active(name)
+                if record and record.get("backend", "local") == "local":
+                    stop_record(record)
+                    self.clear(name)
+                    stopped.append(record)
         return stopped
 
     def clear(self, name: str) -> None:
