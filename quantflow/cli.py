@@ -5,6 +5,7 @@
     quantflow demo          build the demo model (once) and run configs/demo.yaml
     quantflow submit ...    the same, as a run of the quantize-pipeline deployment (make up)
     quantflow stop          stop what the demo started (vLLM servers, exporter, Prefect server)
+    quantflow doctor        which quantization schemes this host's vLLM serves, and why not
 
 Exit codes of `run`/`demo`: 0 completed (deployed unless --no-deploy), 2 the quality gate
 rejected the model (nothing deployed), 1 any other failure.
@@ -49,7 +50,7 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "INFO" if verbose else "ERROR")
 
 
-def run_pipeline(config, show_completion: bool = True) -> int:
+def run_pipeline(config, show_completion: bool = True, note: str | None = None) -> int:
     from quantflow.flows.pipeline import quantize_pipeline
     from quantflow.prefect_server import prefect_api, ui_url
     from quantflow.store import ArtifactStore
@@ -59,6 +60,9 @@ def run_pipeline(config, show_completion: bool = True) -> int:
         state = quantize_pipeline(config=config, return_state=True)
     store = ArtifactStore(config.output_uri)
     summary = store.read_json("pipeline_summary.json") if store.exists("pipeline_summary.json") else {}
+    if note and summary:
+        summary["scheme_choice"] = note
+        store.write_json("pipeline_summary.json", summary)
     _print_summary(summary, state)
     if state.is_completed():
         if show_completion and summary.get("endpoint") and config.deploy.backend == "local":
@@ -93,6 +97,8 @@ def _print_summary(summary: dict, state) -> None:
     if size:
         print(f"  size         {size['baseline_bytes'] / 1e6:.2f} MB -> {size['quantized_bytes'] / 1e6:.2f} MB "
               f"({size['ratio']:.2f}x)")
+    if summary.get("scheme_choice"):
+        print(f"  scheme       {summary['scheme_choice']}")
     verdict = summary.get("verdict")
     if verdict:
         print(f"  verdict      {verdict.upper()}" + ("" if verdict == "pass" else f"  ({state.message})"))
@@ -133,9 +139,60 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from quantflow.config import load_config
     from quantflow.demo.assets import build_demo_assets
+    from quantflow.demo.scheme_choice import choose_demo_scheme
 
     build_demo_assets()
-    return run_pipeline(load_config(args.config or DEMO_CONFIG, _overrides(args)))
+    config = load_config(args.config or DEMO_CONFIG, _overrides(args))
+    note = None
+    if not args.method:  # an explicit --method is the user's choice, not the demo's
+        config, note = choose_demo_scheme(config)
+        if note:
+            print(f"scheme: {note}", flush=True)
+    return run_pipeline(config, note=note)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Print this host's serving matrix: every scheme quantflow makes, served or why not."""
+    import json
+
+    from quantflow.config import DeployConfig
+    from quantflow.serving.compatibility import check_scheme
+    from quantflow.serving.environment import cpu_model, describe, serving_python
+    from quantflow.serving.schemes import catalog, method_hint, scheme_for
+    from quantflow.versions import tool_versions
+
+    deploy = DeployConfig(serving_python=args.serving_python, device=args.device, dtype=args.dtype)
+    python = serving_python(deploy.serving_python)
+    info = describe(python)
+    versions = tool_versions()
+    print(f"host           {info.get('isa')} CPU: {cpu_model()}"
+          + (f"; GPU: {info['gpu']}" if info.get("gpu") else "; no GPU"))
+    print(f"serving env    {python}: {info['flavor']} {info['vllm_version']}, torch {info.get('torch')}, "
+          f"compressed-tensors {info.get('compressed-tensors')}")
+    print(f"pipeline env   torch {versions.get('torch')}, llmcompressor {versions.get('llmcompressor')}, "
+          f"compressed-tensors {versions.get('compressed-tensors')}")
+    schemes = catalog()
+    names = args.scheme or list(schemes)
+    unknown = [n for n in names if n not in schemes]
+    if unknown:
+        print(f"error: unknown scheme {', '.join(unknown)}; known: {', '.join(schemes)}", file=sys.stderr)
+        return EXIT_FAILED
+    rows = []
+    print(f"\n{'scheme':<12} {'serves':<7} {'what vLLM must run':<52} why not / how to ask for it")
+    for name in names:
+        scheme = scheme_for(schemes[name])
+        assert scheme is not None
+        answer = check_scheme(scheme, deploy, refresh=args.refresh)
+        rows.append({"name": name, **answer})
+        detail = method_hint(name) if answer["serves"] else answer["reason"]
+        print(f"{name:<12} {'yes' if answer['serves'] else 'NO':<7} {answer['scheme']:<52} {detail}",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"host": info, "cpu": cpu_model(), "schemes": rows}, fh, indent=2)
+    print("\nmeasured by generating a token from a tiny checkpoint of each scheme; cached per "
+          "serving env, host and scheme (--refresh measures again)")
+    return EXIT_OK
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -228,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", help="stop servers the demo started")
     p.add_argument("--keep-prefect", action="store_true", help="leave the Prefect server running")
     p.set_defaults(fn=cmd_stop)
+    p = sub.add_parser("doctor", help="which schemes this host's vLLM serves, and why not")
+    p.add_argument("--scheme", action="append", help="check only this scheme (repeatable)")
+    p.add_argument("--serving-python", help="Python of the serving environment (default .venv-serve)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
+    p.add_argument("--json", help="also write the matrix to this JSON file")
+    p.set_defaults(fn=cmd_doctor)
     p = sub.add_parser("monitor", help="one monitoring round against a deployment")
     p.add_argument("--deployment", default="demo")
     p.add_argument("--load", type=int, default=0, help="also send N concurrent completions")

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from quantflow.config import ModelSpec
 from quantflow.store import digest_of
 
-VOLATILE = {"created_at", "usage"}
+# "golden" (the baseline's answers to the serving probes) is read by deploy and monitor
+# only: new probe prompts must not re-quantize or re-validate anything.
+VOLATILE = {"created_at", "usage", "golden"}
 
 
 def now() -> str:
@@ -44,7 +46,14 @@ class CheckpointManifest(Manifest):
     baseline_uri: str  # baseline_metrics.json
     tokenizer_uri: str  # the checkpoint's tokenizer files, copied into the store
     logprobs_uri: str | None = None  # baseline next-token log-probs for the KL check
+    # Digest of the baseline's measurements (log-probs included by sha256): a cached
+    # manifest whose baseline_metrics.json was since rewritten by another run no longer
+    # matches the folder's marker, so it is recomputed instead of compared against.
+    baseline_digest: str | None = None
     prequantized: bool = False
+    # The baseline's greedy answers to the health-check and probe prompts: what a served
+    # model is compared against when a probe names no expected text.
+    golden: list[dict[str, Any]] = []
 
 
 class CalibrationManifest(Manifest):

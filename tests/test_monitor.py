@@ -47,9 +47,11 @@ def test_monitor_flow_exports_seed_metrics(prefect_server, live_deployment, expo
     result = quality_monitor(deployment="live", start_exporter=False)
     assert result["quality_score"] == 1.0 and result["alerts"] == []
     assert all(p["score"] == 1.0 for p in result["probes"])
+    # Scored against the baseline's own answers (stage 1's golden set), not "any text".
+    assert all(p["golden"] and p["expected"] is None for p in result["probes"])
     m = scrape(exporter_url)
     assert set(SEED_METRICS) <= set(m)
-    labels = {"model": "live", "quantization": "gptq-w4a16-g128"}
+    labels = {"model": "live", "quantization": live_deployment["label"]}
     assert sample(m, "llm_quantization_quality_score", "llm_quantization_quality_score", **labels) == 1.0
     probes = sample(m, "llm_inference_latency_seconds", "llm_inference_latency_seconds_count",
                     model="live", operation="probe")
@@ -126,7 +128,7 @@ def destroy(model_dir, out):
     return out
 
 
-def test_probe_flags_a_destroyed_model(prefect_server, validated_gptq, demo_model, exporter_url, tmp_path):
+def test_probe_flags_a_destroyed_model(prefect_server, validated_served, demo_model, exporter_url, tmp_path):
     """A deliberately destroyed checkpoint, served WITHOUT the gate (test only): the probes
     fail, the quality alert fires, the counter rises and a Prefect event is emitted."""
     destroyed = destroy(demo_model, tmp_path / "destroyed")
@@ -136,12 +138,12 @@ def test_probe_flags_a_destroyed_model(prefect_server, validated_gptq, demo_mode
                       log_path=str(tmp_path / "server.log"), args=vllm_args(cfg, "cpu", 256))
     server = VllmServer(spec).start(api_key=None)
     registry = DeploymentRegistry()
-    monitor = validated_gptq["config"].monitor
+    monitor = validated_served["config"].monitor
     try:
         server.wait_healthy(300)
         registry.activate("destroyed", {**server.record(), "name": "destroyed", "label": "noise",
                                         "output_uri": str(tmp_path), "monitor": monitor.model_dump(mode="json"),
-                                        "auth": False})
+                                        "auth": False, "golden": validated_served["checkpoint"].golden})
         result = quality_monitor(deployment="destroyed", start_exporter=False)
         m = scrape(exporter_url)
     finally:

@@ -212,12 +212,13 @@ def test_submit_cli_uses_the_rest_api(platform, tmp_path):
     assert bad.returncode != 0 and "401" in bad.stderr
 
 
-def test_approval_suspends_and_releases_the_worker(platform):
+def test_approval_suspends_and_releases_the_worker(platform, served_quant):
     """With require_approval, a deployment run suspends after a pass: its process exits
     (no infrastructure held while a person decides) and the decision resumes it."""
     api = PrefectREST(platform["api_url"], AUTH)
     params = demo_params(f"s3://{BUCKET}/approval/{uuid.uuid4().hex[:8]}")
     params["deploy"]["enabled"] = True
+    params["quant"] = served_quant["quant"]  # deploy is on: a scheme this host serves
     params["validation"]["require_approval"] = True
     run = api.create_flow_run("quantize-pipeline/quantize-pipeline", {"config": params})
     deadline = time.monotonic() + 600

@@ -7,6 +7,7 @@ same recipe is reused as is.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -98,10 +99,17 @@ def write_data(root: Path, seed: int) -> None:
     write_tasks(data, root / "tasks")
 
 
-def build_demo_assets(root: Path = DEFAULT_DIR, recipe: DemoModelRecipe = DemoModelRecipe(),
+def default_recipe() -> DemoModelRecipe:
+    """$QUANTFLOW_DEMO_SEED trains another demo model (a different seed gives different
+    weights and answers; configs/demo.yaml must work with any of them)."""
+    return DemoModelRecipe(seed=int(os.environ.get("QUANTFLOW_DEMO_SEED", "0")))
+
+
+def build_demo_assets(root: Path = DEFAULT_DIR, recipe: DemoModelRecipe | None = None,
                       log=print) -> Path:
     """Train the model unless a model from the same recipe is there; (re)write the data
     files and task YAMLs when their version changed (cheap)."""
+    recipe = recipe or default_recipe()
     root = Path(root)
     stamp_file = root / "stamp.json"
     stamp = json.loads(stamp_file.read_text()) if stamp_file.exists() else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.util
 import io
 import logging
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from quantflow.config import DeployConfig, ValidationConfig
+from quantflow.config import CompletionCheck, DeployConfig, ValidationConfig
 from quantflow.evaluation.consistency import greedy_generations, next_token_logprobs
 from quantflow.evaluation.loading import load_for_eval
 from quantflow.evaluation.perplexity import perplexity
@@ -27,10 +28,23 @@ def heldout_text(validation: ValidationConfig, stage: str) -> str:
     return joined_text(docs)
 
 
+def golden_answers(model, tok, checks: list[CompletionCheck]) -> list[dict[str, Any]]:
+    """The model's greedy answer to each prompt, at each check's length (what a served copy
+    is later compared against)."""
+    out = []
+    for check in checks:
+        ids = greedy_generations(model, tok, [check.prompt], check.max_tokens)[0]
+        out.append({"prompt": check.prompt, "max_tokens": check.max_tokens,
+                    "answer": tok.decode(ids, skip_special_tokens=True)})
+    return out
+
+
 def evaluate_model(model_dir: str | Path, validation: ValidationConfig, store: ArtifactStore,
                    name: str, stage: str, serving: DeployConfig | None = None,
-                   trust_remote_code: bool = False) -> dict[str, Any]:
-    """Metrics for one model; next-token log-probs go to `{name}_logprobs.pt` in the store."""
+                   trust_remote_code: bool = False,
+                   golden_prompts: list[CompletionCheck] | None = None) -> dict[str, Any]:
+    """Metrics for one model; next-token log-probs go to `{name}_logprobs.pt` in the store;
+    with `golden_prompts`, its greedy answers to them under "golden"."""
     metrics: dict[str, Any] = {}
     lm = validation.lm_eval
     if lm.enabled and lm.backend == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -58,7 +72,10 @@ def evaluate_model(model_dir: str | Path, validation: ValidationConfig, store: A
         torch.save(lp, buf)
         rel = f"{name}_logprobs.pt"
         store.write_bytes(rel, buf.getvalue())
-        metrics["logprobs"] = {"uri": store.uri(rel), "tokens": lp.shape[0], "vocab": lp.shape[1]}
+        metrics["logprobs"] = {"uri": store.uri(rel), "tokens": lp.shape[0], "vocab": lp.shape[1],
+                               "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+    if golden_prompts:
+        metrics["golden"] = golden_answers(model, tok, golden_prompts)
     if validation.lm_eval.enabled and validation.lm_eval.backend == "hf":
         metrics["lm_eval"] = _lm_eval(model, tok, str(model_dir), validation, serving)
     del model
@@ -86,12 +103,33 @@ def _lm_eval(model, tok, model_dir: str, validation: ValidationConfig,
         # Both models are served alike: the checkpoint's dtype ("auto"; bfloat16 for float32
         # checkpoints on CPU, where vLLM's int4 kernels need it).
         cfg = (serving or DeployConfig()).model_copy(update={"dtype": "auto"})
+        _check_servable_for_eval(model_dir, cfg)
         positions = getattr(tok, "model_max_length", None) or 2048
         context = min((max_length or 2048) + 2, positions if positions < 10**6 else 2048)
         with temporary_server(model_dir, cfg, max_model_len=context) as endpoint:
             return run_lm_eval(check, model_dir=model_dir, max_length=max_length, endpoint=endpoint)
     return run_lm_eval(check, model=model, tokenizer=tok, model_dir=model_dir, max_length=max_length)
 
+
+
+def _check_servable_for_eval(model_dir: str, cfg: DeployConfig) -> None:
+    """local-completions serves the model under test: refuse a scheme this host's vLLM
+    cannot run before a server starts and dies on its first request."""
+    import json
+
+    from quantflow.serving.compatibility import ensure_servable
+    from quantflow.serving.schemes import Scheme
+
+    config_file = Path(model_dir) / "config.json"
+    qcfg = json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
+    scheme = Scheme.from_quantization_config(qcfg) if qcfg else None
+    if scheme is not None:
+        try:
+            ensure_servable(scheme, cfg, "validate",
+                            "validation.lm_eval.backend local-completions serves a checkpoint that")
+        except StageError as err:
+            raise StageError("validate", err.cause, "use validation.lm_eval.backend: hf on this host, "
+                             f"or {err.fix}") from None
 
 
 def load_logprobs(uri: str) -> torch.Tensor:

@@ -13,10 +13,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, Failed
 
 from quantflow.artifacts import read_json_uri
-from quantflow.config import PipelineConfig
+from quantflow.config import CompletionCheck, PipelineConfig
 from quantflow.flows.approval import wait_for_approval
 from quantflow.flows.stages import StageRecord, run_cached_stage
 from quantflow.reporting import checks_table, render_markdown
+from quantflow.serving.compatibility import ensure_servable
+from quantflow.serving.schemes import scheme_for
 from quantflow.store import ArtifactStore
 from quantflow.tasks.deploy import deploy_task
 from quantflow.tasks.monitor import monitor_task
@@ -67,7 +69,10 @@ def _timed(stage: str, fn, **kwargs) -> tuple[Any, StageRecord]:
     return result, StageRecord(stage=stage, wall_s=usage.wall_s, peak_rss_mib=usage.peak_rss_mib)
 
 
-@flow(name="quantize-pipeline", log_prints=True, validate_parameters=True)
+# log_prints off: it turns every print into a Prefect log line, including those dill
+# redirects to capture its own dis.dis() output while `datasets` fingerprints a calibration
+# set (a bytecode listing in the run log). quantflow reports through logging.
+@flow(name="quantize-pipeline", log_prints=False, validate_parameters=True)
 def quantize_pipeline(config: PipelineConfig) -> Any:
     """Quantize a checkpoint, validate it against its baseline and deploy it only if it passes."""
     summary = Summary(config)
@@ -78,7 +83,26 @@ def quantize_pipeline(config: PipelineConfig) -> Any:
         raise
 
 
+def golden_prompts(config: PipelineConfig) -> list[CompletionCheck]:
+    """Health-check and probe prompts with no curated answer: stage 1 records the baseline's
+    answers to them. Independent of deploy.enabled, so turning deploy on reuses the cache."""
+    checks = [config.deploy.health, *config.monitor.probes]
+    unique = {(c.prompt, c.max_tokens): c for c in checks if c.expected is None}
+    return list(unique.values())
+
+
+def check_servable_early(config: PipelineConfig) -> None:
+    """Refuse a scheme the deploy target cannot serve before hours of quantize + validate.
+    A recipe's or someone else's scheme is known only from the checkpoint: checked at deploy."""
+    if not (config.deploy.enabled and config.deploy.backend == "local"):
+        return
+    scheme = scheme_for(config.quant)
+    if scheme is not None:
+        ensure_servable(scheme, config.deploy, "deploy", f"quant ({config.quant.label})")
+
+
 def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
+    check_servable_early(config)
     out = config.output_uri
     pools = config.placement.pools
     lm_eval_serving = (config.deploy if config.validation.lm_eval.enabled
@@ -86,7 +110,8 @@ def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
     common = {"output_uri": out, "timeout_s": config.placement.stage_timeout_s}
 
     ckpt, rec = run_cached_stage("checkpoint", pool=pools.get("checkpoint"), model=config.model,
-                                 validation=config.validation, serving=lm_eval_serving, **common)
+                                 validation=config.validation, serving=lm_eval_serving,
+                                 golden_prompts=golden_prompts(config), **common)
     summary.add(rec)
     calib = None
     if config.quant.needs_calibration:
@@ -121,7 +146,7 @@ def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
 
     deployment, rec = _timed("deploy", deploy_task, deploy=config.deploy, quantized=quant,
                              validation=verdict, output_uri=out, name=config.name,
-                             monitor=config.monitor)
+                             monitor=config.monitor, golden=ckpt.golden)
     summary.add(rec)
     extra: dict[str, Any] = {"endpoint": deployment.get("base_url"),
                              "served_model_name": deployment.get("served_model_name"),

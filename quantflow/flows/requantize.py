@@ -46,7 +46,7 @@ def inputs_fingerprint(config: PipelineConfig) -> dict[str, str]:
             "config": digest_of([config.model_dump(mode="json"), recipe_digest(config.quant)])}
 
 
-@flow(name="requantize", log_prints=True)
+@flow(name="requantize", log_prints=False)  # see flows/pipeline.py
 def requantize(config: PipelineConfig, force: bool = False):
     """Re-run the pipeline if the model, calibration data, toolchain or config changed."""
     store = ArtifactStore(config.output_uri)

@@ -102,7 +102,7 @@ def jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in kwargs.items()}
 
 
-@flow(name=STAGE_DEPLOYMENT, log_prints=True)
+@flow(name=STAGE_DEPLOYMENT, log_prints=False)  # see flows/pipeline.py
 def stage_flow(stage: str, output_uri: str, inputs: dict[str, Any], refresh: bool = False) -> dict:
     """One cached stage, run where this flow runs (a GPU pool's worker)."""
     manifest, hit, _ = run_stage_task(stage, output_uri, refresh, _typed_inputs(stage, inputs))

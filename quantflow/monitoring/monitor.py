@@ -39,7 +39,7 @@ def monitor_round(record: dict, cfg: MonitorConfig) -> dict[str, Any]:
     client = client_for(record)
     alerts = []
     try:
-        results = run_probes(client, cfg.probes, state)
+        results = run_probes(client, cfg.probes, state, record.get("golden"))
     finally:
         client.close()
     answered = [r for r in results if "error" not in r]

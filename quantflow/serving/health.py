@@ -55,13 +55,42 @@ class CompletionsClient:
                           prompt_tokens=int(usage.get("prompt_tokens", 0)))
 
 
-def answer_matches(text: str, expected: str | None) -> bool:
-    if expected is None:
-        return bool(text.strip())
-    return expected.lower() in text.lower()
+def first_word(text: str) -> str:
+    words = text.split()
+    return words[0].lower() if words else ""
 
 
-def check_endpoint(client: CompletionsClient, check: CompletionCheck) -> dict:
+def answer_matches(text: str, expected: str | None, golden: str | None = None) -> bool:
+    """A curated `expected` text must appear in the answer. Otherwise the answer must start
+    like the baseline's own greedy answer (`golden`): same first word. The first word, not
+    the whole text: a sound quantized model may drift a few tokens later, a broken one
+    does not get the first word right."""
+    if expected is not None:
+        return expected.lower() in text.lower()
+    if golden is not None and first_word(golden):
+        return first_word(text) == first_word(golden)
+    return bool(text.strip())
+
+
+def golden_answer(golden: list[dict] | None, check: CompletionCheck) -> str | None:
+    """The baseline's answer recorded for this prompt and length, if there is one."""
+    for g in golden or []:
+        if g.get("prompt") == check.prompt and g.get("max_tokens") == check.max_tokens:
+            return g.get("answer")
+    return None
+
+
+def expectation(check: CompletionCheck, golden: list[dict] | None) -> str:
+    if check.expected is not None:
+        return f"expected it to contain {check.expected!r}"
+    answer = golden_answer(golden, check)
+    if answer is not None:
+        return f"expected it to start with the baseline's first word {first_word(answer)!r} ({answer!r})"
+    return "expected a non-empty answer (no golden answer recorded for this prompt)"
+
+
+def check_endpoint(client: CompletionsClient, check: CompletionCheck,
+                   golden: list[dict] | None = None) -> dict:
     """/health, then /v1/models, then a real completion with the expected answer."""
     try:
         status = client.health()
@@ -76,8 +105,10 @@ def check_endpoint(client: CompletionsClient, check: CompletionCheck) -> dict:
                                 f"{err.response.text[:200]}") from None
     except httpx.HTTPError as err:
         raise HealthCheckFailed(f"request to {client.base_url} failed: {err}") from None
-    if not answer_matches(done.text, check.expected):
+    reference = golden_answer(golden, check)
+    if not answer_matches(done.text, check.expected, reference):
         raise HealthCheckFailed(f"completion of {check.prompt!r} was {done.text!r}; "
-                                f"expected it to contain {check.expected!r}")
+                                f"{expectation(check, golden)}")
     return {"health": status, "models": models, "prompt": check.prompt,
-            "completion": done.text, "latency_s": round(done.latency_s, 4)}
+            "completion": done.text, "expected": check.expected, "golden": reference,
+            "latency_s": round(done.latency_s, 4)}

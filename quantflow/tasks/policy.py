@@ -1,10 +1,13 @@
 """Caching and retry rules shared by every stage task.
 
 Cache key = stage name + the stage's inputs (configs and upstream manifests, without
-timestamps; recipe files by content) + the checkpoint's fingerprint + tool versions +
+timestamps) + the content of every local file or folder those inputs name (data sets,
+lm-eval task folders, recipes) + the checkpoint's fingerprint + tool versions +
 quantflow's source code.
-Same model revision, same stage config, same tools => cache hit, across flow runs
-(Prefect's DEFAULT policy includes the run id and never reuses results across runs).
+Same model revision, same stage config, same data, same tools => cache hit, across flow
+runs (Prefect's DEFAULT policy includes the run id and never reuses results across runs).
+A changed calibration file reaches quantize and validate through the calibration
+manifest, which carries the sha256 of the token ids it produced.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import httpx
 from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
-from quantflow.checkpoints import cheap_fingerprint
 import quantflow
-from quantflow.config import ModelSpec, QuantConfig
+from quantflow.checkpoints import cheap_fingerprint
+from quantflow.config import LmEvalCheck, ModelSpec, QuantConfig, TextSource
+from quantflow.content_digest import DigestMemo, path_digest, task_folder_digest
 from quantflow.errors import QuantflowError, TransientError
 from quantflow.manifests import Manifest
 from quantflow.store import digest_of
@@ -48,11 +52,51 @@ def code_digest() -> str:
                       for p in sorted(root.rglob("*.py"))])
 
 
-def recipe_digest(quant: QuantConfig) -> str | None:
+def recipe_digest(quant: QuantConfig, memo: DigestMemo | None = None) -> str | None:
     """A recipe file is an input by content, not by path."""
-    if quant.method == "recipe" and quant.recipe and Path(quant.recipe).is_file():
-        return digest_of(Path(quant.recipe).read_text())
+    if quant.method == "recipe" and quant.recipe and Path(quant.recipe).expanduser().is_file():
+        return path_digest(quant.recipe, memo)
     return None
+
+
+def local_content(value: Any, where: str = "", memo: DigestMemo | None = None) -> dict[str, str]:
+    """Content digests of the local files and folders an input names, by dotted location
+    ("validation.perplexity.source"). Walks configs and manifests alike, so a TextSource
+    nested anywhere is found.
+
+    Hub data sets contribute nothing here: their name, subset, split and data_files are in
+    the config dump already. Their resolved revision is not (the pipeline runs with the hub
+    offline, and TextSource has no revision to pin), so a data set re-published under the
+    same name keeps its cached results.
+    """
+    memo = memo or DigestMemo()
+    found: dict[str, str] = {}
+
+    def add(name: str, digest: str | None) -> None:
+        if digest is not None:
+            found[name] = digest
+
+    if isinstance(value, TextSource):
+        add(where, path_digest(value.dataset, memo))
+    elif isinstance(value, LmEvalCheck) and value.include_path:
+        add(f"{where}.include_path", task_folder_digest(value.include_path, memo))
+    elif isinstance(value, QuantConfig):
+        add(f"{where}.recipe", recipe_digest(value, memo))
+        if value.method == "prequantized" and value.checkpoint:
+            # A checkpoint, fingerprinted as the baseline is (sizes and mtimes, or hub commit).
+            add(f"{where}.checkpoint", cheap_fingerprint(ModelSpec(id=value.checkpoint)))
+    if isinstance(value, BaseModel):
+        children = {name: getattr(value, name) for name in type(value).model_fields}
+    elif isinstance(value, dict):
+        children = {str(k): v for k, v in value.items()}
+    elif isinstance(value, (list, tuple)):
+        children = {str(i): v for i, v in enumerate(value)}
+    else:
+        children = {}
+    for name, child in children.items():
+        if isinstance(child, (BaseModel, dict, list, tuple)):
+            found.update(local_content(child, f"{where}.{name}" if where else name, memo))
+    return found
 
 
 @dataclass
@@ -65,7 +109,9 @@ class StageCache(CachePolicy):
                 "source": code_digest()}
         models = [v for v in inputs.values() if isinstance(v, ModelSpec)]
         data["model_fingerprints"] = [cheap_fingerprint(m) for m in models]
-        data["recipes"] = [recipe_digest(v) for v in inputs.values() if isinstance(v, QuantConfig)]
+        memo = DigestMemo()
+        data["local_content"] = local_content(inputs, memo=memo)
+        memo.save()
         return f"quantflow-{self.stage}-{digest_of(data)[:32]}"
 
 

