@@ -63,14 +63,14 @@ def begin_outputs(store: ArtifactStore, stage: str) -> None:
 
 
 def record_outputs(store: ArtifactStore, stage: str, manifest) -> None:
-    store.write_json(marker(stage), {"key": digest_of(manifest.key_data())})
+    store.write_json(marker(stage), {"key": manifest.outputs_key()})
 
 
 def outputs_match(store: ArtifactStore, stage: str, manifest) -> bool:
     """A cached manifest is only good if the folder still holds the files it describes:
     another run with other settings may have rewritten them since (same output_dir)."""
     try:
-        return store.read_json(marker(stage))["key"] == digest_of(manifest.key_data())
+        return store.read_json(marker(stage))["key"] == manifest.outputs_key()
     except (FileNotFoundError, KeyError, ValueError):
         return False
 

@@ -15,9 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from quantflow.config import ModelSpec
 from quantflow.store import digest_of
 
-# "golden" (the baseline's answers to the serving probes) is read by deploy and monitor
-# only: new probe prompts must not re-quantize or re-validate anything.
-VOLATILE = {"created_at", "usage", "golden"}
+VOLATILE = {"created_at", "usage"}
+# What a stage measured rather than what the next stage's output depends on: the
+# baseline's answers to the serving probes (read by deploy and monitor only) and the digest
+# of its metrics. Out of downstream cache keys (a new probe prompt or a new held-out text
+# must not re-quantize), but part of outputs_key, which says whose files a folder holds.
+NOT_KEYED = {"golden", "baseline_digest"}
 
 
 def now() -> str:
@@ -33,7 +36,10 @@ class Manifest(BaseModel):
     usage: dict[str, Any] = {}
 
     def key_data(self) -> dict:
-        return self.model_dump(mode="json", exclude=VOLATILE)
+        return self.model_dump(mode="json", exclude=VOLATILE | NOT_KEYED)
+
+    def outputs_key(self) -> str:
+        return digest_of(self.model_dump(mode="json", exclude=VOLATILE))
 
 
 class CheckpointManifest(Manifest):

@@ -162,7 +162,7 @@ def test_unservable_scheme_is_refused_before_quantizing(prefect_server, tmp_path
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
     assert "FAILED in stage deploy" in run.stderr
     assert "W8A16 (int, group 128, sym)" in run.stderr and "cannot serve on this host" in run.stderr
-    assert "CPU" in run.stderr and "fp8-dynamic" in run.stderr  # the host, and what serves instead
+    assert "CPU" in run.stderr and "w8a8-int8" in run.stderr  # the host, and what serves instead
     summary = json.loads((out / "pipeline_summary.json").read_text())
     assert summary["outcome"] == "failed" and summary["stages"] == {}  # nothing ran, nothing quantized
     assert not (out / "quantized_model").exists() and not (out / "deployment.json").exists()

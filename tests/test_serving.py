@@ -176,7 +176,7 @@ def test_schemes_this_host_cannot_serve_are_refused_before_starting(quant, lenie
     scheme = scheme_for(QuantConfig.model_validate(quant))
     assert scheme.label in msg and "cannot serve on this host" in msg
     assert ("AVX2 CPU" in msg or "AVX-512 CPU" in msg) and "quantize to a scheme that serves here" in msg
-    assert "fp8-dynamic" in msg  # measured to serve on every CPU
+    assert "w8a8-int8 (method: w8a8)" in msg  # measured to serve on every CPU
     assert vllm_serving("cpu-refused") == []
     assert list(Path(tmp_path).glob("deployment.json")) == []
     assert DeploymentRegistry().active("cpu-refused") is None

@@ -153,14 +153,17 @@ def check_scheme(scheme: Scheme, cfg: DeployConfig, refresh: bool = False) -> di
     return {**doc, "cached": False}
 
 
-def servable_alternatives(cfg: DeployConfig, exclude: Scheme) -> list[str]:
-    """Catalog schemes that do serve here (probed as needed), in preference order."""
+def servable_alternatives(cfg: DeployConfig, exclude: Scheme, wanted: int = 2) -> list[str]:
+    """The first `wanted` catalog schemes that serve here (probed as needed, ~15 s each the
+    first time), in preference order."""
     schemes = catalog()
-    found = []
+    found: list[str] = []
     for name in ALTERNATIVES:
         s = scheme_for(schemes[name])
         if s is not None and s.key != exclude.key and check_scheme(s, cfg)["serves"]:
             found.append(f"{name} ({method_hint(name)})")
+            if len(found) == wanted:
+                break
     return found
 
 
@@ -170,7 +173,7 @@ def ensure_servable(scheme: Scheme, cfg: DeployConfig, stage: str, what: str) ->
     if answer["serves"]:
         return answer
     instead = servable_alternatives(cfg, scheme)
-    fix = ("quantize to a scheme that serves here: " + "; ".join(instead) if instead
+    fix = ("quantize to a scheme that serves here, e.g. " + "; ".join(instead) if instead
            else "deploy from a host whose vLLM has kernels for it (`quantflow doctor` lists them)")
     raise StageError(stage, f"{what} is {answer['scheme']}, which {answer['flavor']} "
                      f"{answer['vllm_version']} cannot serve on this host ({answer['host']}): "
