@@ -200,3 +200,24 @@ def test_digest_memo_rereads_only_changed_files(tmp_path, monkeypatch):
     (tasks / "sub" / "t.yaml").write_text((tasks / "sub" / "t.yaml").read_text() + "num_fewshot: 1\n")
     assert task_folder_digest(tasks) not in (folder, outside)
 
+
+
+def test_requantize_trigger_follows_data_content_not_timestamps(tmp_path):
+    """The nightly requantize flow's data fingerprint: a touch alone is no change; an edit
+    with its size and mtime restored is one."""
+    import os
+
+    from quantflow.config import TextSource
+    from quantflow.flows.requantize import data_fingerprint
+
+    data = tmp_path / "calibration.jsonl"
+    data.write_text('{"text": "abc"}\n')
+    source = TextSource(dataset=str(data))
+    before = data_fingerprint(source)
+    st = data.stat()
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert data_fingerprint(source) == before
+    st = data.stat()
+    data.write_text('{"text": "xyz"}\n')
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data_fingerprint(source) != before

@@ -5,13 +5,13 @@ files), the calibration data, the toolchain versions, or the config itself."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from prefect import flow
 
 from quantflow.checkpoints import cheap_fingerprint, looks_like_path
 from quantflow.config import PipelineConfig, TextSource
 from quantflow.flows.pipeline import quantize_pipeline
+from quantflow.content_digest import path_digest
 from quantflow.store import ArtifactStore, digest_of
 from quantflow.tasks.policy import code_digest, recipe_digest
 from quantflow.versions import tool_versions
@@ -21,10 +21,11 @@ STATE = "requantize_state.json"
 
 
 def data_fingerprint(source: TextSource) -> str:
-    path = Path(source.dataset).expanduser()
-    if path.exists():
-        files = sorted(path.rglob("*")) if path.is_dir() else [path]
-        return digest_of([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()])
+    # By content, as the stage cache keys are: an edit that keeps size and mtime (cp -p,
+    # rsync -t) still triggers a requantize; a touch alone does not.
+    local = path_digest(source.dataset)
+    if local is not None:
+        return local
     if looks_like_path(source.dataset):
         return digest_of(["missing", source.dataset])
     try:
