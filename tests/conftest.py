@@ -160,20 +160,24 @@ def served_quant(demo_dir) -> dict:
 def golden_for(checkpoint, prompt: str, max_tokens: int) -> str:
     """The baseline's recorded greedy answer (stage 1's golden set) to one prompt; from a
     checkpoint manifest or a run's output folder (its baseline_metrics.json)."""
-    if isinstance(checkpoint, (str, Path)):
-        import json
+    import json
 
+    from quantflow.config import CompletionCheck
+    from quantflow.serving.health import golden_answer
+
+    if isinstance(checkpoint, (str, Path)):
         golden = json.loads((Path(checkpoint) / "baseline_metrics.json").read_text())["metrics"]["golden"]
     else:
         golden = checkpoint.golden
-    for g in golden:
-        if g["prompt"] == prompt and g["max_tokens"] == max_tokens:
-            return g["answer"]
-    raise AssertionError(f"no golden answer for {prompt!r} ({max_tokens} tokens)")
+    answer = golden_answer(golden, CompletionCheck(prompt=prompt, max_tokens=max_tokens))
+    assert answer is not None, f"no golden answer for {prompt!r} ({max_tokens} tokens)"
+    return answer
 
 
 def first_word(text: str) -> str:
-    return text.split()[0].lower() if text.split() else ""
+    from quantflow.serving.health import first_word as rule  # the health check's own rule
+
+    return rule(text)
 
 
 @pytest.fixture(scope="session")

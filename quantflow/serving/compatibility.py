@@ -20,6 +20,7 @@ from typing import Any
 from quantflow.config import DeployConfig
 from quantflow.errors import StageError
 from quantflow.serving.environment import describe, host_label, serving_python
+from quantflow.serving.process import vllm_env
 from quantflow.serving.schemes import Scheme, catalog, method_hint, scheme_for
 from quantflow.serving.temporary import serving_device
 from quantflow.store import cache_root, digest_of
@@ -91,7 +92,7 @@ def _run_probe(python: Path, model_dir: Path, device: str, dtype: str) -> dict:
     try:
         out = subprocess.run([str(python), str(PROBE_SCRIPT), str(model_dir), device, dtype],
                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-                             env=_probe_env())
+                             env=vllm_env(device))
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"vLLM did not generate within {PROBE_TIMEOUT_S}s"}
     for line in out.stdout.splitlines():
@@ -100,14 +101,6 @@ def _run_probe(python: Path, model_dir: Path, device: str, dtype: str) -> dict:
     tail = [ln for ln in out.stderr.splitlines() if re.search(r"Error|error|Exception", ln)]
     return {"ok": False, "error": f"the probe exited with code {out.returncode}: "
             f"{(tail or out.stderr.splitlines() or ['no output'])[-1][:400]}"}
-
-
-def _probe_env() -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "PREFECT_"))}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    return env
 
 
 def _reason(error: str) -> str:

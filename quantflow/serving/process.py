@@ -92,12 +92,18 @@ def vllm_args(cfg: DeployConfig, device: str, max_model_len: int | None) -> list
     return args + list(cfg.extra_args)
 
 
-def server_env(spec: ServerSpec, api_key: str | None) -> dict[str, str]:
+def vllm_env(device: str) -> dict[str, str]:
+    """The environment any vLLM process of quantflow's starts with (servers, kernel probes)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "PREFECT_"))}
     env.update(HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false")
-    if spec.device == "cpu":
+    if device == "cpu":
         # Engine in-process: one fewer interpreter to start (faster, ~0.6 GB less memory).
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
+def server_env(spec: ServerSpec, api_key: str | None) -> dict[str, str]:
+    env = vllm_env(spec.device)
     if api_key:
         env["VLLM_API_KEY"] = api_key  # via the environment: never visible in `ps`
     env.update(spec.env)
