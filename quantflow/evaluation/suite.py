@@ -115,14 +115,10 @@ def _lm_eval(model, tok, model_dir: str, validation: ValidationConfig,
 def _check_servable_for_eval(model_dir: str, cfg: DeployConfig) -> None:
     """local-completions serves the model under test: refuse a scheme this host's vLLM
     cannot run before a server starts and dies on its first request."""
-    import json
-
     from quantflow.serving.compatibility import ensure_servable
-    from quantflow.serving.schemes import Scheme
+    from quantflow.serving.schemes import scheme_of_checkpoint
 
-    config_file = Path(model_dir) / "config.json"
-    qcfg = json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
-    scheme = Scheme.from_quantization_config(qcfg) if qcfg else None
+    scheme = scheme_of_checkpoint(model_dir)
     if scheme is not None:
         try:
             ensure_servable(scheme, cfg, "validate",

@@ -80,6 +80,19 @@ class Scheme:
                    for g in self.groups)
 
 
+def scheme_of_checkpoint(uri: str) -> Scheme | None:
+    """The scheme in a checkpoint folder's config.json (local or s3://); None when it has no
+    compressed-tensors quantization_config."""
+    from quantflow.store import read_uri
+
+    try:
+        config = json.loads(read_uri(f"{str(uri).rstrip('/')}/config.json"))
+    except FileNotFoundError:
+        return None
+    qcfg = config.get("quantization_config")
+    return Scheme.from_quantization_config(qcfg) if qcfg else None
+
+
 def _group_label(g: dict) -> str:
     w, a = g.get("weights") or {}, g.get("input_activations") or {}
     name = f"W{w.get('num_bits', 16)}A{a.get('num_bits', 16)}"

@@ -8,7 +8,6 @@ stopped. A failed candidate is stopped and the flow fails with its log tail.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -27,18 +26,13 @@ from quantflow.serving.health import CompletionsClient, HealthCheckFailed, check
 from quantflow.serving.process import (ServerFailed, ServerSpec, VllmServer, is_loopback, port_free,
                                        server_of, stop_record, vllm_args)
 from quantflow.serving.registry import DeploymentRegistry, state_dir
-from quantflow.serving.schemes import Scheme
+from quantflow.serving.schemes import scheme_of_checkpoint
 from quantflow.serving.temporary import serving_device
-from quantflow.store import ArtifactStore, read_uri
+from quantflow.store import ArtifactStore
 from quantflow.tasks.policy import TASK_DEFAULTS
 
 log = logging.getLogger("quantflow.deploy")
 STAGE = "deploy"
-
-
-def checkpoint_scheme(quantized: QuantizedManifest) -> Scheme | None:
-    qcfg = json.loads(read_uri(f"{quantized.uri}/config.json")).get("quantization_config") or {}
-    return Scheme.from_quantization_config(qcfg)
 
 
 def api_key(cfg: DeployConfig) -> str | None:
@@ -72,7 +66,7 @@ def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict, l
     if free_gib < cfg.min_free_disk_gib:
         raise StageError(STAGE, f"only {free_gib:.1f} GiB free disk, deploy.min_free_disk_gib is "
                          f"{cfg.min_free_disk_gib}", "free disk space")
-    scheme = checkpoint_scheme(quantized)
+    scheme = scheme_of_checkpoint(quantized.uri)
     if scheme is not None:  # measured on this host, cached (quantflow doctor shows all)
         ensure_servable(scheme, cfg, STAGE, f"the checkpoint {quantized.label}")
     elif quantized.quantization_format:
