@@ -37,7 +37,7 @@ test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not slow and not serving and not integration" $(PYTEST_ARGS)
 
 up: setup
-	$(VENV)/bin/python -m quantflow.platform up
+	$(VENV)/bin/python -m quantflow.platform up $(if $(ENV_FILE),--env-file $(ENV_FILE)) $(if $(WORKERS),--workers $(WORKERS))
 
 down:
 	@if [ -x $(VENV)/bin/python ]; then $(VENV)/bin/python -m quantflow.platform down; fi
@@ -45,6 +45,7 @@ down:
 benchmark: setup
 	$(VENV)/bin/python -m quantflow.demo
 	$(VENV)/bin/python benchmarks/perplexity_vs_lmeval.py
+	$(VENV)/bin/python benchmarks/platform_load.py
 
 quality-table: setup
 	$(VENV)/bin/python -m quantflow.demo

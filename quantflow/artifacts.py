@@ -66,6 +66,13 @@ def record_outputs(store: ArtifactStore, stage: str, manifest) -> None:
     store.write_json(marker(stage), {"key": manifest.outputs_key()})
 
 
+def finish_outputs(store: ArtifactStore, stage: str, manifest):
+    """The stage's last step, inside its task: the marker is written before the result is
+    committed and the stage lock released, so a run that waited on the lock finds it."""
+    record_outputs(store, stage, manifest)
+    return manifest
+
+
 def outputs_match(store: ArtifactStore, stage: str, manifest) -> bool:
     """A cached manifest is only good if the folder still holds the files it describes:
     another run with other settings may have rewritten them since (same output_dir)."""

@@ -50,8 +50,9 @@ def local_home() -> Path:
     return state_dir() / "prefect"
 
 
-def ensure_local_server(port: int = DEFAULT_PORT, timeout_s: float = 120) -> str:
-    """API URL of the local server, starting it if it is not running."""
+def ensure_local_server(port: int = DEFAULT_PORT, timeout_s: float = 120, embedded: bool = True) -> str:
+    """API URL of the local server, starting it if it is not running. `embedded` (quantflow
+    run, make demo) strips PostgreSQL/Redis settings; `make up` keeps them."""
     running = running_local_server()
     if running:
         return running
@@ -62,6 +63,10 @@ def ensure_local_server(port: int = DEFAULT_PORT, timeout_s: float = 120) -> str
     home = local_home()
     home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    if embedded:
+        from quantflow.platform.topology import embedded_env
+
+        env = embedded_env(env)
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_API_HOST="127.0.0.1")
     prefect_bin = str(Path(sys.executable).with_name("prefect"))

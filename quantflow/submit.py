@@ -35,15 +35,29 @@ class PrefectREST:
                                  timeout=timeout_s,
                                  transport=httpx.HTTPTransport(retries=2))  # connection errors
         self.retries = retries
+        # What the server answered badly, kept for load tests: "<status> <path>" per 5xx
+        # answer (retried or not) and one entry per refused connection.
+        self.server_errors: list[str] = []
+        self.connection_errors = 0
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        """One API call, retried with backoff while the server answers 502/503/504."""
+        """One API call, retried with backoff while the server answers 502/503/504 or
+        refuses connections (restarting; nothing was sent, so a retry cannot duplicate)."""
         for attempt in range(self.retries + 1):
-            r = self.http.request(method, path, **kwargs)
+            try:
+                r = self.http.request(method, path, **kwargs)
+            except httpx.ConnectError:
+                self.connection_errors += 1
+                if attempt == self.retries:
+                    raise
+                time.sleep(min(2 ** attempt * 0.5, 8))
+                continue
+            if r.status_code >= 500:
+                self.server_errors.append(f"{r.status_code} {path}")
             if r.status_code not in RETRY_STATUS or attempt == self.retries:
                 return r
             time.sleep(min(2 ** attempt * 0.5, 8))
-        return r
+        raise AssertionError("unreachable")
 
     def _ok(self, r: httpx.Response) -> Any:
         if r.status_code == 401:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -113,6 +114,32 @@ def test_compose_file_matches_the_compose_spec():
     assert {"postgres", "redis", "prefect-api", "prefect-services", "worker-cpu"} <= set(services)
     assert "--no-services" in services["prefect-api"]["command"]
     assert services["prefect-services"]["command"][-2:] == ["services", "start"]
+
+
+def test_compose_sets_the_single_box_env_variables():
+    """infra/compose.yaml and infra/single-box.env (the topology the platform tests run)
+    name the same Prefect settings with the same values, up to the services' host names."""
+    from quantflow.platform.topology import load_env_file
+
+    saved = dict(os.environ)
+    try:
+        single_box = load_env_file(REPO / "infra/single-box.env")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    services = yaml.safe_load((REPO / "infra/compose.yaml").read_text())["services"]
+    for service in ("prefect-api", "prefect-services"):
+        env = services[service]["environment"]
+        assert set(single_box) <= set(env), (service, set(single_box) - set(env))
+        for key, value in single_box.items():
+            if key == "PREFECT_API_DATABASE_CONNECTION_URL":
+                assert env[key].startswith("postgresql+asyncpg://") and env[key].endswith("/prefect")
+            else:
+                assert env[key] == value.replace("127.0.0.1", "redis"), key
+    worker = services["worker-cpu"]["environment"]
+    redis_keys = {k for k in single_box if "REDIS" in k or "MESSAGING" in k}
+    assert redis_keys <= set(worker), "workers take their stage locks from the same Redis"
+    assert "PREFECT_API_DATABASE_CONNECTION_URL" not in worker
 
 
 def test_work_pool_templates_are_current_and_render_valid_gpu_jobs():

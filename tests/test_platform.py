@@ -1,6 +1,13 @@
 """The platform on one machine: Prefect server with an auth string, process workers per
-pool (cpu, gpu-a100, gpu-h100), deployments from deployments/prefect.yaml, artifacts and
-Prefect results on a local S3-API server (moto, as s3fs's own tests use)."""
+pool (two on cpu, one each on gpu-a100 and gpu-h100), deployments from
+deployments/prefect.yaml, artifacts and Prefect results on a local S3-API server (moto, as
+s3fs's own tests use).
+
+Where PostgreSQL and Redis run (127.0.0.1:5432 and :6379, as on every machine of this
+kind), the server runs on them (infra/single-box.env's settings, with a database and Redis
+index of the tests' own): every test here is then a test of the production topology.
+Without them the same tests run on SQLite, and those that check PostgreSQL or Redis
+themselves skip with the reason."""
 
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import yaml
 
 from conftest import REPO, free_port
 from quantflow.submit import PrefectREST
+from services import drop_database, flush_redis, pg_query, production_env, services_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 AUTH = "admin:quantflow-test"
@@ -88,16 +96,24 @@ def platform(s3_env, webhook, tmp_path_factory):
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
         "QUANTFLOW_RESULTS_URI": f"s3://{BUCKET}/prefect-results",
         "QUANTFLOW_ALERT_WEBHOOK_URL": webhook.url})
+    database = None
+    if not services_reason():
+        database = f"quantflow_test_{uuid.uuid4().hex[:8]}"
+        os.environ.update(production_env(database))
+        flush_redis()
     import s3fs
 
     s3fs.S3FileSystem().mkdir(BUCKET)
     try:
-        record = up(port=free_port())
+        record = up(port=free_port(), per_pool={"cpu": 2})
         yield record
     finally:
         down()
         os.environ.clear()
         os.environ.update(saved)
+        if database:
+            drop_database(database)
+            flush_redis()
 
 
 def demo_params(output_dir: str, **extra) -> dict:
@@ -297,3 +313,85 @@ def test_requantize_runs_never_overlap(platform):
     assert states == ["CANCELLED", "COMPLETED"], [(f["state_name"], f["state"]["message"]) for f in finals]
     cancelled = next(f for f in finals if f["state_type"] == "CANCELLED")
     assert "concurrency" in cancelled["state"]["message"].lower()
+
+
+# One cheap configuration shared by the concurrency and restart tests: the first computes
+# its stages, the second finds them cached.
+CHEAP_OUT = f"s3://{BUCKET}/shared/{uuid.uuid4().hex[:8]}"
+
+
+def task_runs(api: PrefectREST, flow_run_ids: list[str]) -> list[dict]:
+    return api._ok(api.request("POST", "task_runs/filter", json={
+        "flow_runs": {"id": {"any_": flow_run_ids}}, "limit": 200}))
+
+
+def test_identical_runs_compute_each_stage_once(platform):
+    """Two identical runs at once, on two workers: each stage is computed by one of them
+    (under the stage's lock); the other waits and reports it Cached."""
+    api = PrefectREST(platform["api_url"], AUTH)
+    params = {"config": demo_params(CHEAP_OUT, name="same-work")}
+    runs = [api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key=f"same-{i}")
+            for i in range(2)]
+    finals = [api.wait(r["id"], timeout_s=900) for r in runs]
+    assert [f["state_type"] for f in finals] == ["COMPLETED", "COMPLETED"], [f["state"] for f in finals]
+    assert len({f["infrastructure_pid"] for f in finals}) == 2  # two flow-run processes
+    by_stage: dict[str, list[dict]] = {}
+    for tr in task_runs(api, [r["id"] for r in runs]):
+        by_stage.setdefault(tr["name"].rsplit("-", 1)[0], []).append(tr)  # "quantize-a1b"
+    stages = ("checkpoint", "calibration", "quantize", "validate")
+    for stage in stages:
+        names = sorted(tr["state_name"] for tr in by_stage[stage])
+        assert names == ["Cached", "Completed"], (stage, names)
+    # The later run reached at least one stage while the first was computing it: it waited
+    # on the lock instead of computing the stage a second time.
+    waited = [stage for stage in stages
+              if next(t for t in by_stage[stage] if t["state_name"] == "Cached")["start_time"]
+              < next(t for t in by_stage[stage] if t["state_name"] == "Completed")["end_time"]]
+    assert waited, "the two runs never overlapped on a stage; nothing was proven about the lock"
+
+
+def test_no_run_is_lost_or_duplicated_across_a_server_restart(platform):
+    """Runs in flight while the Prefect server restarts: a client re-sending the same
+    idempotency keys gets the same runs, the workers reconnect, every run completes once."""
+    from quantflow.platform.local import restart_server
+
+    api = PrefectREST(platform["api_url"], AUTH, retries=8)
+    params = {"config": demo_params(CHEAP_OUT, name="restart")}
+    keys = [f"restart-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
+    ids = {k: api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key=k)["id"]
+           for k in keys}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(
+            api.flow_run(i)["state_type"] == "RUNNING" for i in ids.values()):
+        time.sleep(1)
+    assert restart_server() == platform["api_url"]
+    again = {k: api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key=k)["id"]
+             for k in keys}
+    assert again == ids
+    finals = {k: api.wait(i, timeout_s=900) for k, i in ids.items()}
+    assert {k: f["state_type"] for k, f in finals.items()} == {k: "COMPLETED" for k in keys}, \
+        {k: f["state"]["message"] for k, f in finals.items()}
+    runs = api._ok(api.request("POST", "flow_runs/filter", json={"flows": {"name": {"any_": ["quantize-pipeline"]}}}))
+    assert sorted(r["idempotency_key"] for r in runs if r["idempotency_key"] in keys) == sorted(keys)
+
+
+def test_state_lives_in_postgres_and_messages_in_redis(platform):
+    """The server really runs on the production services: its work pools and runs are rows
+    in the test's PostgreSQL database, and its event messages pass through Redis."""
+    reason = services_reason()
+    if reason:
+        pytest.skip(f"PostgreSQL + Redis topology not tested here: {reason}")
+    import redis
+
+    from services import REDIS_TEST_DB
+
+    assert platform["topology"]["database"] == "postgresql" and platform["topology"]["broker"] == "redis"
+    database = platform["topology"]["database_url"].rsplit("/", 1)[-1]
+    pools = {r["name"] for r in pg_query("select name from work_pool", database)}
+    assert {"cpu", "gpu-a100", "gpu-h100"} <= pools
+    api = PrefectREST(platform["api_url"], AUTH)
+    via_api = api._ok(api.request("POST", "flow_runs/count", json={}))
+    in_db = pg_query("select count(*) as n from flow_run", database)[0]["n"]
+    assert in_db == via_api and in_db > 0
+    keys = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_TEST_DB).keys("message:messaging-cache:*")
+    assert keys, "no Prefect messages passed through Redis"

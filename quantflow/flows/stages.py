@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from quantflow.manifests import (CalibrationManifest, CheckpointManifest, Manifest, QuantizedManifest,
                                  ValidationManifest)
 from quantflow.profiling import measure
-from quantflow.artifacts import marker, outputs_match, record_outputs
+from quantflow.artifacts import marker, outputs_match
 from quantflow.store import ArtifactStore
 from quantflow.tasks.calibration import calibration_task
 from quantflow.tasks.checkpoint import checkpoint_task
@@ -57,24 +57,20 @@ def _missing_outputs(store: ArtifactStore, name: str, files: tuple[str, ...]) ->
 
 def run_cached_stage(name: str, output_uri: str, pool: str | None = None,
                      timeout_s: float = 6 * 3600, **kwargs: Any) -> tuple[Manifest, StageRecord]:
-    _, manifest_type, outputs = CACHED_STAGES[name]
-    store = ArtifactStore(output_uri)
-    refresh = _missing_outputs(store, name, outputs)
-    if refresh:
-        log.info("%s: outputs not in %s; recomputing", name, output_uri)
+    _, manifest_type, _ = CACHED_STAGES[name]
     record = StageRecord(stage=name, pool=pool)
     if pool:
         from quantflow.flows.dispatch import dispatch_stage
 
         start = time.perf_counter()
-        payload = dispatch_stage(name, pool, output_uri, kwargs, refresh, timeout_s)
+        payload = dispatch_stage(name, pool, output_uri, kwargs, False, timeout_s)
         record.wall_s = round(time.perf_counter() - start, 3)
         record.cache_hit = payload["cache_hit"]
         record.peak_rss_mib = payload["usage"].get("peak_rss_mib")
         record.extra = {"flow_run_id": payload["flow_run_id"], "work_pool": payload["work_pool"]}
         return manifest_type.model_validate(payload["manifest"]), record
     with measure() as usage:
-        manifest, hit, state_name = run_stage_task(name, output_uri, refresh, kwargs)
+        manifest, hit, state_name = run_stage_task(name, output_uri, False, kwargs)
     record.wall_s, record.peak_rss_mib = usage.wall_s, usage.peak_rss_mib
     record.cache_hit, record.state = hit, state_name
     return manifest, record
@@ -82,19 +78,19 @@ def run_cached_stage(name: str, output_uri: str, pool: str | None = None,
 
 def run_stage_task(name: str, output_uri: str, refresh: bool,
                    kwargs: dict[str, Any]) -> tuple[Manifest, bool, str]:
-    """Call the stage's task; a cache hit whose files were since overwritten is recomputed."""
-    task_fn = CACHED_STAGES[name][0]
+    """Call the stage's task; a cache hit whose files were since deleted or overwritten is
+    recomputed. The check comes after the task, not before: a run that waited on another
+    run's stage lock must see the files that run wrote (the task records them itself)."""
+    task_fn, _, outputs = CACHED_STAGES[name]
     store = ArtifactStore(output_uri)
     t = task_fn.with_options(refresh_cache=True) if refresh else task_fn
     state: State = t(output_uri=output_uri, return_state=True, **kwargs)
     manifest = state.result()  # raises the stage's exception when it failed
     hit = state.name == "Cached"
-    if hit and not outputs_match(store, name, manifest):
+    if hit and (_missing_outputs(store, name, outputs) or not outputs_match(store, name, manifest)):
         log.info("%s: cached result no longer matches the files in %s; recomputing", name, output_uri)
         state = task_fn.with_options(refresh_cache=True)(output_uri=output_uri, return_state=True, **kwargs)
         manifest, hit = state.result(), False
-    if not hit:
-        record_outputs(store, name, manifest)
     return manifest, hit, state.name
 
 

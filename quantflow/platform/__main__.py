@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from quantflow.platform.local import POOLS, down, up
+from quantflow.platform.topology import TopologyError
 from quantflow.prefect_server import ui_url
 
 
@@ -13,14 +14,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m quantflow.platform")
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--port", type=int, default=4200)
+    parser.add_argument("--env-file", help="KEY=VALUE file of Prefect settings, e.g. infra/single-box.env "
+                        "(PostgreSQL + Redis); variables already in the environment win")
+    parser.add_argument("--workers", type=int, default=1, help="process workers on the cpu pool")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.action == "down":
         down()
         print("stopped the workers and the local Prefect server")
         return
-    record = up(port=args.port)
+    try:
+        record = up(port=args.port, env_file=args.env_file, per_pool={"cpu": args.workers})
+    except TopologyError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    topo = record.get("topology", {})
     print(f"Prefect UI:  {ui_url(record['api_url'])}")
+    print(f"database:    {topo.get('database_url', 'sqlite')}; messaging and stage locks: "
+          f"{topo.get('broker', 'memory')}")
     print(f"work pools:  {', '.join(POOLS)} (one process worker each; logs in .quantflow/workers/)")
     print("deployments: quantize-pipeline/quantize-pipeline, requantize/requantize, "
           "quality-monitor/quality-monitor, quantflow-stage/gpu-a100, quantflow-stage/gpu-h100")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from quantflow.platform.topology import check_services, load_env_file
 from quantflow.prefect_server import ensure_local_server, stop_local_server
 from quantflow.processes import group_members, reused, start_detached, stop_groups
 from quantflow.serving.registry import state_dir
@@ -49,11 +50,10 @@ def create_pools_and_limits(api_url: str, pools=POOLS, slots=GPU_SLOTS) -> None:
                 log.info("work pool %s created", pool)
             except ObjectAlreadyExists:
                 pass
+        existing = {limit.name for limit in client.read_global_concurrency_limits(limit=200)}
         for name, limit in slots.items():
-            try:
+            if name not in existing:  # a second `make up` on PostgreSQL: no IntegrityError noise
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-            except ObjectAlreadyExists:
-                pass
 
 
 def register_deployments(api_url: str, prefect_file: Path = REPO / "deployments" / "prefect.yaml") -> None:
@@ -64,14 +64,18 @@ def register_deployments(api_url: str, prefect_file: Path = REPO / "deployments"
         raise RuntimeError(f"prefect deploy failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
-def start_workers(api_url: str, pools=POOLS, poll_s: int = 2) -> dict[str, int]:
+def start_workers(api_url: str, pools=POOLS, poll_s: int = 2, per_pool: dict[str, int] | None = None
+                  ) -> dict[str, dict]:
+    """One process worker per pool (`per_pool` asks for more of a pool)."""
     logs = state_dir() / "workers"
     env = {**client_env(api_url), "PREFECT_WORKER_QUERY_SECONDS": str(poll_s)}
     workers = {}
     for pool in pools:
-        _, workers[pool] = start_detached([_prefect_bin(), "worker", "start", "--pool", pool, "--type",
-                                           "process", "--name", f"{pool}-{os.uname().nodename}"],
-                                          logs / f"{pool}.log", env, cwd=str(REPO))
+        for i in range((per_pool or {}).get(pool, 1)):
+            key = pool if i == 0 else f"{pool}-{i + 1}"
+            _, workers[key] = start_detached(
+                [_prefect_bin(), "worker", "start", "--pool", pool, "--type", "process",
+                 "--name", f"{key}-{os.uname().nodename}"], logs / f"{key}.log", env, cwd=str(REPO))
     return workers
 
 
@@ -102,18 +106,25 @@ def running_platform() -> dict | None:
     return record if alive else None
 
 
-def up(port: int = 4200, pools=POOLS, with_workers: bool = True) -> dict:
+def up(port: int = 4200, pools=POOLS, with_workers: bool = True, env_file: str | None = None,
+       per_pool: dict[str, int] | None = None) -> dict:
     running = running_platform()
     if running:  # a second `make up` must not start a second set of workers
         log.info("the platform is already up (%s); `make down` stops it", running["api_url"])
         return running
-    api_url = ensure_local_server(port=port)
+    if env_file:
+        load_env_file(env_file)
+    topology = check_services()
+    log.info("Prefect database: %s; messaging and stage locks: %s",
+             topology["database_url"], topology["broker"])
+    api_url = ensure_local_server(port=port, embedded=False)
     results_uri = os.environ.get("QUANTFLOW_RESULTS_URI")
     if results_uri:
         configure_result_storage(api_url, results_uri)
     create_pools_and_limits(api_url, pools)
     register_deployments(api_url)
-    record = {"api_url": api_url, "workers": start_workers(api_url, pools) if with_workers else {}}
+    record = {"api_url": api_url, "port": port, "topology": topology,
+              "workers": start_workers(api_url, pools, per_pool=per_pool) if with_workers else {}}
     webhook = os.environ.get("QUANTFLOW_ALERT_WEBHOOK_URL")
     if webhook:
         from quantflow.platform.automations import install_automations
@@ -121,6 +132,14 @@ def up(port: int = 4200, pools=POOLS, with_workers: bool = True) -> dict:
         record["automations"] = install_automations(api_url, webhook)
     (state_dir() / RECORD).write_text(json.dumps(record, indent=2))
     return record
+
+
+def restart_server() -> str:
+    """Stop the platform's Prefect server and start it again on the same address with the
+    same database (workers and flow runs reconnect; used to prove nothing is lost)."""
+    record = json.loads((state_dir() / RECORD).read_text())
+    stop_local_server()
+    return ensure_local_server(port=record["port"], embedded=False)
 
 
 def down() -> None:

@@ -9,7 +9,7 @@ import random
 import torch
 from prefect import task
 
-from quantflow.artifacts import begin_outputs, load_tokenizer
+from quantflow.artifacts import begin_outputs, finish_outputs, load_tokenizer
 from quantflow.config import CalibrationConfig
 from quantflow.errors import StageError
 from quantflow.manifests import CalibrationManifest, CheckpointManifest
@@ -110,7 +110,7 @@ def build_calibration(calibration: CalibrationConfig, checkpoint: CheckpointMani
     manifest.usage = vars(usage)
     log.info("calibration: %d x %d tokens from %d documents (%.1f%% distinct tokens)",
              calibration.num_samples, calibration.seq_len, len(docs), 100 * stats["unique_token_ratio"])
-    return manifest
+    return finish_outputs(store, STAGE, manifest)
 
 
 calibration_task = task(**stage_task_options(STAGE))(build_calibration)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import task
 
-from quantflow.artifacts import begin_outputs, save_tokenizer
+from quantflow.artifacts import begin_outputs, finish_outputs, save_tokenizer
 from quantflow.checkpoints import read_config, read_safetensors_header, resolve_model, shard_files
 from quantflow.config import CompletionCheck, DeployConfig, ModelSpec, ValidationConfig
 from quantflow.errors import StageError
@@ -85,13 +85,13 @@ def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_ur
                "validation_config": validation.model_dump(mode="json"), "versions": tool_versions()}
         baseline_uri = store.write_json("baseline_metrics.json", doc)
         tokenizer_uri = save_tokenizer(store, path)
-    return CheckpointManifest(
+    return finish_outputs(store, STAGE, CheckpointManifest(
         model=model, local_path=str(path), shards=hashes,
         fingerprint=digest_of({"shards": hashes, "config": config}), architecture=arch,
         baseline_uri=baseline_uri, tokenizer_uri=tokenizer_uri, logprobs_uri=baseline.get("logprobs", {}).get("uri"),
         prequantized=prequantized, versions=tool_versions(), usage=vars(usage),
         golden=baseline.get("golden", []),
-        baseline_digest=digest_of({k: v for k, v in baseline.items() if k != "golden"}))
+        baseline_digest=digest_of({k: v for k, v in baseline.items() if k != "golden"})))
 
 
 checkpoint_task = task(**stage_task_options(STAGE))(prepare_checkpoint)

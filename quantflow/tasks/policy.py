@@ -5,7 +5,7 @@ timestamps) + the content of every local file or folder those inputs name (data 
 lm-eval task folders, recipes) + the checkpoint's fingerprint + tool versions +
 quantflow's source code.
 Same model revision, same stage config, same data, same tools => cache hit, across flow
-runs (Prefect's DEFAULT policy includes the run id and never reuses results across runs).
+runs and across concurrent runs (a stage is computed under its cache key's lock) (Prefect's DEFAULT policy includes the run id and never reuses results across runs).
 A changed calibration file reaches quantize and validate through the calibration
 manifest, which carries the sha256 of the token ids it produced.
 """
@@ -26,6 +26,7 @@ from quantflow.checkpoints import cheap_fingerprint
 from quantflow.config import LmEvalCheck, ModelSpec, QuantConfig, TextSource
 from quantflow.content_digest import DigestMemo, path_digest, task_folder_digest
 from quantflow.errors import QuantflowError, TransientError
+from quantflow.locks import stage_lock_manager
 from quantflow.manifests import Manifest
 from quantflow.store import digest_of
 from quantflow.versions import tool_versions
@@ -140,4 +141,7 @@ TASK_DEFAULTS: dict[str, Any] = dict(retries=2, retry_delay_seconds=[5, 30],
 
 
 def stage_task_options(stage: str) -> dict[str, Any]:
-    return dict(name=stage, cache_policy=StageCache(stage=stage), **TASK_DEFAULTS)
+    # SERIALIZABLE: a second run with the same key waits on the first's lock, then reads its
+    # committed result instead of computing the stage again (quantflow/locks.py).
+    policy = StageCache(stage=stage, isolation_level="SERIALIZABLE", lock_manager=stage_lock_manager())
+    return dict(name=stage, cache_policy=policy, **TASK_DEFAULTS)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from quantflow.artifacts import begin_outputs, load_calibration, local_checkpoint
+from quantflow.artifacts import begin_outputs, finish_outputs, load_calibration, local_checkpoint
 from quantflow.checkpoints import read_config, resolve_model, shard_files, read_safetensors_header
 from quantflow.config import ModelSpec, QuantConfig
 from quantflow.errors import StageError
@@ -91,11 +91,11 @@ def quantize_model(quant: QuantConfig, checkpoint: CheckpointManifest,
         shutil.rmtree(scratch, ignore_errors=True)  # gone after a successful put_dir; cleanup otherwise
     log.info("quantize: %s written (%.2f MB, baseline %.2f MB) in %.1fs", uri, size / 1e6,
              checkpoint.architecture["size_bytes"] / 1e6, usage.wall_s)
-    return QuantizedManifest(
+    return finish_outputs(store, STAGE, QuantizedManifest(
         uri=uri, files=files, label=quant.label, method=quant.method, entry_point=entry,
         recipe=recipe, quantization_format=qconfig.get("format") or qconfig.get("quant_method"),
         size_bytes=size, baseline_size_bytes=checkpoint.architecture["size_bytes"],
-        versions=tool_versions(), usage=vars(usage))
+        versions=tool_versions(), usage=vars(usage)))
 
 
 quantize_task = task(**stage_task_options(STAGE))(quantize_model)

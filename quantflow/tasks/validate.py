@@ -8,7 +8,7 @@ import logging
 
 from prefect import task
 
-from quantflow.artifacts import begin_outputs, fetch_quantized, read_json_uri
+from quantflow.artifacts import begin_outputs, finish_outputs, fetch_quantized, read_json_uri
 from quantflow.config import DeployConfig, ValidationConfig
 from quantflow.errors import StageError
 from quantflow.evaluation.compare import compare
@@ -74,10 +74,10 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
         uri = store.write_bytes(REPORT, raw)
     verdict = "PASS" if report["overall_pass"] else "FAIL"
     log.info("validate: %s — %s", verdict, report["summary"])
-    return ValidationManifest(report_uri=uri, report_sha256=hashlib.sha256(raw).hexdigest(),
+    return finish_outputs(store, STAGE, ValidationManifest(report_uri=uri, report_sha256=hashlib.sha256(raw).hexdigest(),
                               overall_pass=report["overall_pass"],
                               checkpoint_sha256=quantized.checkpoint_sha256, failed_checks=failed,
-                              summary=report["summary"], versions=tool_versions(), usage=vars(usage))
+                              summary=report["summary"], versions=tool_versions(), usage=vars(usage)))
 
 
 validate_task = task(**stage_task_options(STAGE))(validate_model)

@@ -1,0 +1,83 @@
+"""PostgreSQL and Redis as this kind of machine provides them (127.0.0.1:5432 trust auth,
+127.0.0.1:6379). Tests that need them skip with the reason where they are absent."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REDIS_TEST_DB = 13  # a database index of its own: tests never touch db 0
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def redis_reason() -> str | None:
+    if not _answers(REDIS_HOST, REDIS_PORT):
+        return f"no Redis at {REDIS_HOST}:{REDIS_PORT}"
+    import redis
+
+    try:
+        redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_timeout=2).ping()
+    except redis.RedisError as exc:
+        return f"Redis at {REDIS_HOST}:{REDIS_PORT} does not answer PING: {exc}"
+    return None
+
+
+async def _pg(sql: str, database: str = "postgres"):
+    import asyncpg
+
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=database, timeout=5)
+    try:
+        return await conn.fetch(sql)
+    finally:
+        await conn.close()
+
+
+def pg_query(sql: str, database: str = "postgres"):
+    return asyncio.run(_pg(sql, database))
+
+
+def postgres_reason() -> str | None:
+    if not _answers(PG_HOST, PG_PORT):
+        return f"no PostgreSQL at {PG_HOST}:{PG_PORT}"
+    try:
+        pg_query("select 1")
+    except Exception as exc:  # noqa: BLE001 - any failure means: not usable here
+        return f"PostgreSQL at {PG_HOST}:{PG_PORT} refused user {PG_USER}: {exc}"
+    return None
+
+
+def services_reason() -> str | None:
+    return postgres_reason() or redis_reason()
+
+
+def production_env(database: str, redis_db: int = REDIS_TEST_DB) -> dict[str, str]:
+    """infra/single-box.env, pointed at a database and Redis index of the test's own."""
+    return {
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}",
+        "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+        "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+        "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+        "PREFECT_REDIS_MESSAGING_HOST": REDIS_HOST,
+        "PREFECT_REDIS_MESSAGING_PORT": str(REDIS_PORT),
+        "PREFECT_REDIS_MESSAGING_DB": str(redis_db),
+    }
+
+
+def drop_database(database: str) -> None:
+    pg_query(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def flush_redis(db: int = REDIS_TEST_DB) -> None:
+    import redis
+
+    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
