@@ -37,7 +37,7 @@ test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not slow and not serving and not integration" $(PYTEST_ARGS)
 
 up: setup
-	$(VENV)/bin/python -m quantflow.platform up $(if $(ENV_FILE),--env-file $(ENV_FILE)) $(if $(WORKERS),--workers $(WORKERS))
+	$(VENV)/bin/python -m quantflow.platform up $(if $(ENV_FILE),--env-file $(ENV_FILE)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(WORKER_LIMIT),--worker-limit $(WORKER_LIMIT))
 
 down:
 	@if [ -x $(VENV)/bin/python ]; then $(VENV)/bin/python -m quantflow.platform down; fi

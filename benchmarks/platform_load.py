@@ -60,7 +60,7 @@ def cheap_config(output_dir: Path) -> dict:
 
 
 @contextmanager
-def platform(kind: str, workdir: Path):
+def platform(kind: str, workdir: Path, worker_limit: int | None):
     """`make up` with its own state folder, port, database and Redis index."""
     from quantflow.platform.local import down, up
 
@@ -74,7 +74,8 @@ def platform(kind: str, workdir: Path):
         os.environ.update(production_env(database, REDIS_BENCH_DB))
         flush_redis(REDIS_BENCH_DB)
     try:
-        yield up(port=free_port(), per_pool={"cpu": 2, "gpu-a100": 0, "gpu-h100": 0}), state
+        yield up(port=free_port(), per_pool={"cpu": 2, "gpu-a100": 0, "gpu-h100": 0},
+                 worker_limit=worker_limit), state
     finally:
         down()
         os.environ.clear()
@@ -106,8 +107,8 @@ def wait_all(api: PrefectREST, ids: list[str], bound_s: float) -> dict[str, str]
     return states
 
 
-def load_phase(kind: str, workdir: Path, runs: int, bound_s: float) -> dict:
-    with platform(kind, workdir) as (record, state):
+def load_phase(kind: str, workdir: Path, runs: int, bound_s: float, worker_limit: int | None) -> dict:
+    with platform(kind, workdir, worker_limit) as (record, state):
         api = PrefectREST(record["api_url"], retries=8)
         params = {"config": cheap_config(workdir / f"out-{kind}")}
         prime = api.create_flow_run(DEPLOYMENT, params, idempotency_key=f"{kind}-prime")
@@ -166,6 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--bound-s", type=float, default=1200, help="time allowed for each phase's runs")
+    parser.add_argument("--worker-limit", type=int, default=2,
+                        help="flow runs each of the two workers runs at once (0: no limit)")
     args = parser.parse_args()
     reason = services_reason()
     kinds = ["sqlite"] if reason else ["postgresql", "sqlite"]
@@ -178,8 +181,9 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="quantflow-load-") as tmp:
         for kind in kinds:
-            print(f"{kind}: {args.runs} runs across 2 process workers ...", flush=True)
-            results[kind] = load_phase(kind, Path(tmp), args.runs, args.bound_s)
+            print(f"{kind}: {args.runs} runs across 2 process workers (limit {args.worker_limit or 'none'} "
+                  "each) ...", flush=True)
+            results[kind] = load_phase(kind, Path(tmp), args.runs, args.bound_s, args.worker_limit or None)
     print()
     print(f"{'':<22}" + "".join(f"{k:>14}" for k in results))
     for field in ("runs", "completed", "lost", "api_errors", "client_5xx", "submit_s", "wall_s", "runs_per_min"):
@@ -196,7 +200,7 @@ def main() -> None:
 
     isa = "AVX-512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "AVX2"
     print(f"host: {cpu_model()} ({isa}, {os.cpu_count()} cores)")
-    out.write_text(json.dumps({"isa": isa, "cpu": cpu_model(), "cores": os.cpu_count(),
+    out.write_text(json.dumps({"worker_limit": args.worker_limit, "isa": isa, "cpu": cpu_model(), "cores": os.cpu_count(),
                                "date": time.strftime("%Y-%m-%d"),
                                "results": results}, indent=2) + "\n")
     print(f"written: {out.relative_to(REPO)}")

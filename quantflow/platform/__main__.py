@@ -17,6 +17,8 @@ def main() -> None:
     parser.add_argument("--env-file", help="KEY=VALUE file of Prefect settings, e.g. infra/single-box.env "
                         "(PostgreSQL + Redis); variables already in the environment win")
     parser.add_argument("--workers", type=int, default=1, help="process workers on the cpu pool")
+    parser.add_argument("--worker-limit", type=int, help="flow runs each worker runs at once "
+                        "(default: no limit, Prefect's default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.action == "down":
@@ -24,7 +26,8 @@ def main() -> None:
         print("stopped the workers and the local Prefect server")
         return
     try:
-        record = up(port=args.port, env_file=args.env_file, per_pool={"cpu": args.workers})
+        record = up(port=args.port, env_file=args.env_file, per_pool={"cpu": args.workers},
+                    worker_limit=args.worker_limit)
     except TopologyError as exc:
         raise SystemExit(f"error: {exc}") from None
     topo = record.get("topology", {})

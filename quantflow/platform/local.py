@@ -64,9 +64,11 @@ def register_deployments(api_url: str, prefect_file: Path = REPO / "deployments"
         raise RuntimeError(f"prefect deploy failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
-def start_workers(api_url: str, pools=POOLS, poll_s: int = 2, per_pool: dict[str, int] | None = None
-                  ) -> dict[str, dict]:
-    """One process worker per pool (`per_pool` asks for more of a pool)."""
+def start_workers(api_url: str, pools=POOLS, poll_s: int = 2, per_pool: dict[str, int] | None = None,
+                  limit: int | None = None) -> dict[str, dict]:
+    """One process worker per pool (`per_pool` asks for more of a pool). `limit`: flow runs
+    one worker runs at once (Prefect's default is no limit: a worker starts every run it
+    picks up, which on a small machine means every queued run at once)."""
     logs = state_dir() / "workers"
     env = {**client_env(api_url), "PREFECT_WORKER_QUERY_SECONDS": str(poll_s)}
     workers = {}
@@ -75,7 +77,8 @@ def start_workers(api_url: str, pools=POOLS, poll_s: int = 2, per_pool: dict[str
             key = pool if i == 0 else f"{pool}-{i + 1}"
             _, workers[key] = start_detached(
                 [_prefect_bin(), "worker", "start", "--pool", pool, "--type", "process",
-                 "--name", f"{key}-{os.uname().nodename}"], logs / f"{key}.log", env, cwd=str(REPO))
+                 "--name", f"{key}-{os.uname().nodename}", *(["--limit", str(limit)] if limit else [])],
+                logs / f"{key}.log", env, cwd=str(REPO))
     return workers
 
 
@@ -107,7 +110,7 @@ def running_platform() -> dict | None:
 
 
 def up(port: int = 4200, pools=POOLS, with_workers: bool = True, env_file: str | None = None,
-       per_pool: dict[str, int] | None = None) -> dict:
+       per_pool: dict[str, int] | None = None, worker_limit: int | None = None) -> dict:
     running = running_platform()
     if running:  # a second `make up` must not start a second set of workers
         log.info("the platform is already up (%s); `make down` stops it", running["api_url"])
@@ -124,7 +127,8 @@ def up(port: int = 4200, pools=POOLS, with_workers: bool = True, env_file: str |
     create_pools_and_limits(api_url, pools)
     register_deployments(api_url)
     record = {"api_url": api_url, "port": port, "topology": topology,
-              "workers": start_workers(api_url, pools, per_pool=per_pool) if with_workers else {}}
+              "workers": start_workers(api_url, pools, per_pool=per_pool, limit=worker_limit)
+              if with_workers else {}}
     webhook = os.environ.get("QUANTFLOW_ALERT_WEBHOOK_URL")
     if webhook:
         from quantflow.platform.automations import install_automations
