@@ -45,6 +45,7 @@ down:
 benchmark: setup
 	$(VENV)/bin/python -m quantflow.demo
 	$(VENV)/bin/python benchmarks/perplexity_vs_lmeval.py
+	$(VENV)/bin/python benchmarks/serving_performance.py
 	$(VENV)/bin/python benchmarks/platform_load.py
 
 quality-table: setup

@@ -26,17 +26,15 @@ import socket
 import sys
 import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from services import (drop_database, flush_redis, pg_query, production_env,  # noqa: E402
-                      services_reason)
+from services import pg_query, production_services, services_reason  # noqa: E402
 
 from quantflow.submit import PrefectREST  # noqa: E402
 
@@ -68,21 +66,15 @@ def platform(kind: str, workdir: Path, worker_limit: int | None):
     state = workdir / kind
     os.environ.update({"QUANTFLOW_STATE_DIR": str(state), "PREFECT_LOCAL_STORAGE_PATH": str(state / "results"),
                        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"})
-    database = None
-    if kind == "postgresql":
-        database = f"quantflow_load_{uuid.uuid4().hex[:8]}"
-        os.environ.update(production_env(database, REDIS_BENCH_DB))
-        flush_redis(REDIS_BENCH_DB)
-    try:
-        yield up(port=free_port(), per_pool={"cpu": 2, "gpu-a100": 0, "gpu-h100": 0},
-                 worker_limit=worker_limit), state
-    finally:
-        down()
-        os.environ.clear()
-        os.environ.update(saved)
-        if database:
-            drop_database(database)
-            flush_redis(REDIS_BENCH_DB)
+    services = production_services("quantflow_load", REDIS_BENCH_DB) if kind == "postgresql" else nullcontext()
+    with services:
+        try:
+            yield up(port=free_port(), per_pool={"cpu": 2, "gpu-a100": 0, "gpu-h100": 0},
+                     worker_limit=worker_limit), state
+        finally:
+            down()
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def log_errors(state: Path) -> int:
@@ -149,15 +141,26 @@ def restart_phase(api: PrefectREST, params: dict, record: dict, kind: str, bound
     down_s = time.perf_counter() - start
     again = submit_all(api, params, keys)  # a client retrying after the outage: same keys
     states = wait_all(api, list(ids.values()), bound_s)
+    not_completed = {}
+    for key, run_id in ids.items():
+        if states[run_id] != "COMPLETED":
+            run = api.flow_run(run_id)
+            not_completed[key] = f"{run['state_name']}: {(run['state'] or {}).get('message', '')[:300]}"
     database = record["topology"]["database_url"].rsplit("/", 1)[-1]
     rows = pg_query("select idempotency_key, count(*) as n from flow_run where idempotency_key like "
                     f"'{kind}-restart-%' group by idempotency_key", database)
     per_key = {r["idempotency_key"]: r["n"] for r in rows}
+    crashed = pg_query("select count(distinct s.flow_run_id) as n from flow_run_state s join flow_run r "
+                       f"on r.id = s.flow_run_id where s.type = 'CRASHED' and r.idempotency_key like "
+                       f"'{kind}-restart-%'", database)[0]["n"]
     return {"runs": RESTART_RUNS, "restart_s": round(down_s, 1),
             "same_ids_after_restart": again == ids,
             "completed": sum(s == "COMPLETED" for s in states.values()),
             "lost": sum(1 for k in keys if per_key.get(k, 0) == 0 or states[ids[k]] != "COMPLETED"),
-            "duplicated": sum(1 for k in keys if per_key.get(k, 0) > 1)}
+            "duplicated": sum(1 for k in keys if per_key.get(k, 0) > 1), "not_completed": not_completed,
+            # runs whose process crashed in the outage and that quantflow-retry-crashed-runs
+            # scheduled again (same run, same key)
+            "crashed_then_retried": crashed}
 
 
 RESTART_RUNS = 6

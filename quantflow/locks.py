@@ -51,7 +51,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class FileLocks(LockManager):
+class _BlockingLocks(LockManager):
+    """Async entry points run the blocking ones: stage tasks are synchronous."""
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                            hold_timeout: float | None = None) -> bool:
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return self.wait_for_lock(key, timeout)
+
+
+class FileLocks(_BlockingLocks):
     """flock(2) per cache key: exclusive across processes, gone with the process."""
 
     def __init__(self, directory: Path) -> None:
@@ -94,10 +105,6 @@ class FileLocks(LockManager):
                 announced = True
             time.sleep(min(POLL_S, acquire_timeout or POLL_S))
 
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                            hold_timeout: float | None = None) -> bool:
-        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
-
     def release_lock(self, key: str, holder: str) -> None:
         held = self._held.get(key)
         if held is None:
@@ -129,11 +136,8 @@ class FileLocks(LockManager):
             time.sleep(POLL_S)
         return True
 
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        return self.wait_for_lock(key, timeout)
 
-
-class RedisLocks(LockManager):
+class RedisLocks(_BlockingLocks):
     """prefect-redis's lock manager, with a lease and a holder tag (host:pid) so that a
     lock left by a killed run does not block the next one."""
 
@@ -191,10 +195,6 @@ class RedisLocks(LockManager):
                 log.info("another run is computing %s; waiting for it", key)
                 announced = True
 
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                            hold_timeout: float | None = None) -> bool:
-        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
-
     def release_lock(self, key: str, holder: str) -> None:
         self.inner.release_lock(key, self._tag(holder))
 
@@ -213,9 +213,6 @@ class RedisLocks(LockManager):
                 return False
             time.sleep(POLL_S)
         return True
-
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        return self.wait_for_lock(key, timeout)
 
 
 def stage_lock_manager() -> LockManager:

@@ -98,3 +98,5 @@ class ValidationManifest(Manifest):
     checkpoint_sha256: str
     failed_checks: list[str] = []
     summary: str = ""
+    # sha256 of the model card (README.md) written into the quantized checkpoint folder.
+    card_sha256: str | None = None

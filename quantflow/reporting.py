@@ -21,7 +21,31 @@ def checks_table(checks: list[dict]) -> list[dict]:
             for c in checks]
 
 
-def render_markdown(report: dict, chart_name: str | None) -> str:
+def performance_lines(perf: dict, chart_name: str | None) -> list[str]:
+    lines = ["", "## Serving performance (vLLM bench serve, same settings for both)", "",
+             f"{perf['settings']['num_prompts']} random prompts per level, {perf['settings']['input_len']} "
+             f"tokens in, {perf['settings']['output_len']} out; baseline "
+             + ("from the cache" if perf["baseline"].get("cached") else "measured in this run") + ".", "",
+             "| concurrency | output tok/s (base → quant, ×) | req/s × | p99 TTFT ms (base → quant) | "
+             "p99 TPOT ms (base → quant) |", "|---|---|---|---|---|"]
+    for b, q, r in zip(perf["baseline"]["levels"], perf["quantized"]["levels"], perf["ratios"]):
+        lines.append(f"| {b['concurrency']} | {_fmt(b['output_throughput'])} → {_fmt(q['output_throughput'])} "
+                     f"(×{_fmt(r['output_throughput_ratio'])}) | ×{_fmt(r['request_throughput_ratio'])} | "
+                     f"{_fmt(b['p99_ttft_ms'])} → {_fmt(q['p99_ttft_ms'])} | "
+                     f"{_fmt(b['p99_tpot_ms'])} → {_fmt(q['p99_tpot_ms'])} |")
+    lines += ["", f"Model load {_fmt(perf['baseline']['load_s'])} s → {_fmt(perf['quantized']['load_s'])} s; "
+              f"weights {_fmt(perf['baseline'].get('weights_gib'))} → {_fmt(perf['quantized'].get('weights_gib'))} GiB "
+              "(as vLLM logs them; GPU only); "
+              f"server memory {_fmt(perf['baseline'].get('server_rss_gib'))} → "
+              f"{_fmt(perf['quantized'].get('server_rss_gib'))} GiB RSS; "
+              f"KV cache {_fmt(perf['baseline'].get('kv_cache_tokens'))} → "
+              f"{_fmt(perf['quantized'].get('kv_cache_tokens'))} tokens."]
+    if chart_name:
+        lines += ["", f"![serving performance]({chart_name})"]
+    return lines
+
+
+def render_markdown(report: dict, chart_name: str | None, perf_chart: str | None = None) -> str:
     verdict = "PASS" if report["overall_pass"] else "FAIL"
     lines = [f"# Validation report: {report['model']} → {report['label']}", "",
              f"**Verdict: {verdict}**" + (f" — failed: {', '.join(report['failed_checks'])}"
@@ -41,6 +65,8 @@ def render_markdown(report: dict, chart_name: str | None) -> str:
             lines.append(f"- `{p!r}` → baseline `{b!r}` / quantized `{q!r}` ({same})")
     if chart_name:
         lines += ["", f"![baseline vs quantized]({chart_name})"]
+    if report.get("performance"):
+        lines += performance_lines(report["performance"], perf_chart)
     return "\n".join(lines) + "\n"
 
 
@@ -58,6 +84,33 @@ def render_chart(checks: list[dict]) -> bytes:
         ax.set_title(c["check"].replace("lm_eval:", ""), fontsize=9)
         ax.set_ylabel(c["metric"], fontsize=8)
         ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_performance_chart(perf: dict) -> bytes:
+    """Output tokens/s and p99 TTFT per load level, baseline beside quantized."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [str(lv["concurrency"]) for lv in perf["baseline"]["levels"]]
+    x = range(len(levels))
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+    for ax, key, label in ((axes[0], "output_throughput", "output tokens/s"),
+                           (axes[1], "p99_ttft_ms", "p99 TTFT (ms)")):
+        for offset, (name, color) in zip((-0.2, 0.2), (("baseline", "#90a4ae"), ("quantized", "#1565c0"))):
+            ax.bar([i + offset for i in x], [lv[key] or 0 for lv in perf[name]["levels"]], width=0.4,
+                   color=color, label=name)
+        ax.set_xticks(list(x), levels)
+        ax.set_xlabel("concurrency", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=8)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

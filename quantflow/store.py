@@ -32,11 +32,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+CARD_FILE = "README.md"
+
+
 def tree_sha256(local_dir: str | Path) -> dict[str, str]:
-    """sha256 of every file under a folder, keyed by relative POSIX path."""
+    """sha256 of every file under a folder, keyed by relative POSIX path. The top-level
+    README.md (the model card validate writes later) is left out: it is bound by the
+    validate manifest's card_sha256 instead."""
     root = Path(local_dir)
     return {p.relative_to(root).as_posix(): file_sha256(p)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() != CARD_FILE}
 
 
 def cache_root() -> Path:

@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import uuid
+from contextlib import contextmanager
+from typing import Iterator
 
-PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+# The ports can be moved (to a closed one) to run the suite as a machine without them would.
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", int(os.environ.get("QUANTFLOW_TEST_PG_PORT", 5432)), "postgres"
+REDIS_HOST, REDIS_PORT = "127.0.0.1", int(os.environ.get("QUANTFLOW_TEST_REDIS_PORT", 6379))
 REDIS_TEST_DB = 13  # a database index of its own: tests never touch db 0
 
 
@@ -81,3 +86,21 @@ def flush_redis(db: int = REDIS_TEST_DB) -> None:
     import redis
 
     redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
+
+
+@contextmanager
+def production_services(prefix: str, redis_db: int = REDIS_TEST_DB) -> Iterator[str | None]:
+    """Point Prefect at a fresh PostgreSQL database and a Redis index of its own (in
+    os.environ, for `make up` and everything it starts), and drop both afterwards. Yields
+    the database name, or None where the services are absent (SQLite then)."""
+    if services_reason():
+        yield None
+        return
+    database = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    os.environ.update(production_env(database, redis_db))
+    flush_redis(redis_db)
+    try:
+        yield database
+    finally:
+        drop_database(database)
+        flush_redis(redis_db)

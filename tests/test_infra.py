@@ -105,6 +105,20 @@ def test_automations_match_prefect_schema():
     assert all(isinstance(a, AutomationCore) for a in autos)
 
 
+def test_recovery_automation_reschedules_only_crashed_quantflow_runs():
+    from prefect.events.actions import ChangeFlowRunState
+
+    from quantflow.platform.automations import RECOVERY, load_automations
+
+    (auto,) = load_automations(RECOVERY, "")
+    assert auto.trigger.expect == {"prefect.flow-run.Crashed"}
+    assert auto.trigger.match.root["prefect.run-count"] == ["0", "1", "2"]  # bounded: no endless loop
+    assert set(auto.trigger.match_related.root["prefect.resource.name"]) == {
+        "quantize-pipeline", "requantize", "quantflow-stage"}
+    (action,) = auto.actions
+    assert isinstance(action, ChangeFlowRunState) and action.state.value == "SCHEDULED" and action.force
+
+
 def test_compose_file_matches_the_compose_spec():
     proc = subprocess.run([str(Path(sys.executable).with_name("check-jsonschema")), "--builtin-schema",
                            "vendor.compose-spec", str(REPO / "infra/compose.yaml")],

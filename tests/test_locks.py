@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from services import redis_reason
+from services import REDIS_HOST, REDIS_PORT, redis_reason
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -65,7 +65,7 @@ def test_redis_lock_is_exclusive_and_broken_when_its_holder_dies(monkeypatch):
         pytest.skip(reason)
     from quantflow.locks import RedisLocks
 
-    env = {"PREFECT_REDIS_MESSAGING_HOST": "127.0.0.1", "PREFECT_REDIS_MESSAGING_PORT": "6379",
+    env = {"PREFECT_REDIS_MESSAGING_HOST": REDIS_HOST, "PREFECT_REDIS_MESSAGING_PORT": str(REDIS_PORT),
            "PREFECT_REDIS_MESSAGING_DB": "13"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)

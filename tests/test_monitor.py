@@ -111,6 +111,34 @@ def test_latency_regression_alerts(prefect_server, live_deployment):
     assert "latency_regression" in kinds and result["p99_latency_s"] > 0.001
 
 
+def test_latency_bound_is_the_pre_deploy_measurement(prefect_server, live_deployment):
+    """Without a number in the config, the bound is this model's own pre-deploy numbers on
+    this target (validation.performance, carried by the deployment record) x tolerance."""
+    registry = DeploymentRegistry()
+    record = registry.active("live")
+    monitor = {**record["monitor"], "latency_p99_max_s": None, "latency_tolerance": 2.0}
+
+    def rounds(expected: dict) -> dict:
+        with registry.locked("live"):
+            registry.write("live", {**registry.read("live"),
+                                    "active": {**record, "monitor": monitor, "performance": expected}})
+        try:
+            quality_monitor(deployment="live", start_exporter=False)  # baseline scrape of vLLM's histogram
+            return quality_monitor(deployment="live", start_exporter=False)
+        finally:
+            with registry.locked("live"):
+                registry.write("live", {**registry.read("live"), "active": record})
+
+    fast = {"p99_e2el_s": 1e-5, "at_concurrency": 1, "per_request_tok_per_s": 1e6, "output_len": 8}
+    result = rounds(fast)  # production cannot be this fast: both checks fire
+    messages = [a["message"] for a in result["alerts"] if a["kind"] == "latency_regression"]
+    assert any("pre-deploy p99 1e-05s x 2.0" in m for m in messages), messages
+    assert any("slower than the pre-deploy rate" in m for m in messages), messages
+    slow = {"p99_e2el_s": 1000.0, "at_concurrency": 1, "per_request_tok_per_s": 1e-6, "output_len": 8}
+    result = rounds(slow)
+    assert [a for a in result["alerts"] if a["kind"] == "latency_regression"] == []
+
+
 def destroy(model_dir, out):
     """The demo model with noise as large as its weights added to every linear layer."""
     import shutil

@@ -15,16 +15,54 @@ import yaml
 
 from conftest import first_word, golden_for, needs_serving
 from helpers import complete, server_processes, stop_deployment
+from quantflow.config import PerformanceCheck
 from quantflow.flows.pipeline import GATE_STATE, quantize_pipeline
 from quantflow.serving.registry import DeploymentRegistry
 
 pytestmark = [pytest.mark.slow]
 
 
+# Short loads: CI measures that the numbers exist and flow where they should; long loads
+# are for `make benchmark` and the numbers in docs/validation.md.
+PERF = {"enabled": True, "concurrency": [1, 2], "num_prompts": 6, "input_len": 16, "output_len": 8}
+
+
+def perf_validation(**gate) -> dict:
+    return {"perplexity": {"source": {"dataset": ".cache/demo/data/heldout.jsonl"}, "window": 128},
+            "lm_eval": {"enabled": False}, "performance": {**PERF, **gate}}
+
+
+def check_performance_and_card(out: Path, report: dict) -> None:
+    """Serving numbers for both models, the same in the report and in the model card."""
+    perf = report["performance"]
+    for model in ("baseline", "quantized"):
+        levels = perf[model]["levels"]
+        assert [lv["concurrency"] for lv in levels] == PERF["concurrency"]
+        for lv in levels:
+            assert lv["completed"] == PERF["num_prompts"], (model, lv)
+            for key in ("output_throughput", "request_throughput", "p50_ttft_ms", "p99_ttft_ms",
+                        "p99_tpot_ms", "p99_itl_ms"):
+                assert lv[key] and lv[key] > 0, (model, key, lv)
+        assert perf[model]["load_s"] > 0
+        assert perf[model]["kv_cache_tokens"] > 0 and perf[model]["server_rss_gib"] > 0
+    assert perf["ratios"][-1]["output_throughput_ratio"] == round(
+        perf["quantized"]["levels"][-1]["output_throughput"] / perf["baseline"]["levels"][-1]["output_throughput"], 4)
+    assert (out / "performance_chart.png").read_bytes()[:4] == b"\x89PNG"
+    card = (out / "quantized_model" / "README.md").read_text()
+    _, meta, body = card.split("---", 2)
+    meta = yaml.safe_load(meta)
+    assert meta["base_model"] == report["model"] and "quantflow" in meta["tags"]
+    assert meta["library_name"] == "transformers"
+    for c in report["checks"]:  # the card's validation table is the report's
+        assert f"| {c['check']} | {c['metric']} |" in body
+    q = perf["quantized"]["levels"][-1]
+    assert f"| {q['concurrency']} | quantized | {q['output_throughput']:.4g} |" in body
+
+
 @needs_serving
 @pytest.mark.serving
 def test_flow_deploys_then_reruns_from_cache(prefect_server, config_factory):
-    cfg = config_factory()
+    cfg = config_factory(validation=perf_validation())
     out = Path(cfg.output_uri)
     try:
         state = quantize_pipeline(config=cfg, return_state=True)
@@ -39,6 +77,10 @@ def test_flow_deploys_then_reruns_from_cache(prefect_server, config_factory):
         assert summary["perplexity"] == {"baseline": ppl["baseline"], "quantized": ppl["quantized"],
                                          "delta_pct": ppl["delta_pct"]}
         assert summary["verdict"] == "pass" and report["overall_pass"]
+        check_performance_and_card(out, report)
+        top = report["performance"]["quantized"]["levels"][-1]
+        # Monitoring compares production with this model's own pre-deploy numbers.
+        assert deployment["performance"]["p99_e2el_s"] == round(top["p99_e2el_ms"] / 1000, 4)
         assert summary["endpoint"] == deployment["base_url"]
         assert summary["cache_hits"] == []
         text = complete(deployment["base_url"], deployment["served_model_name"],
@@ -63,12 +105,37 @@ def test_flow_deploys_then_reruns_from_cache(prefect_server, config_factory):
                                    cfg.deploy.health.prompt, 4)) == first_word(golden)
 
         # A rollout whose new server cannot start fails the flow; the live one keeps serving.
-        broken = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"max_model_len": 100_000})})
+        # (Without the performance check: with it, validate serves with the deploy settings
+        # and would refuse the broken ones before deploy is reached.)
+        broken = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"max_model_len": 100_000}),
+                                        "validation": cfg.validation.model_copy(update={
+                                            "performance": PerformanceCheck()})})
         failed = quantize_pipeline(config=broken, return_state=True)
         assert failed.is_failed() and "keeps serving" in failed.message
         assert DeploymentRegistry().active(cfg.name)["pid"] == redeployed["pid"]
         assert first_word(complete(redeployed["base_url"], redeployed["served_model_name"],
                                    cfg.deploy.health.prompt, 4)) == first_word(golden)
+
+        # An impossible serving-performance gate, from the CLI: exit 2, the check named in
+        # the report, nothing deployed. Stages 1-3 are cached; the baseline's serving numbers
+        # come from the cache (measured by the first run above), only the quantized model is
+        # served again.
+        strict = cfg.model_copy(update={"validation": cfg.validation.model_copy(update={
+            "performance": cfg.validation.performance.model_copy(update={"min_throughput_ratio": 100})})})
+        path = out.parent / "perf-gate.yaml"
+        path.write_text(yaml.safe_dump(strict.model_dump(mode="json")))
+        gate = _cli(["run", "--config", str(path)], prefect_server)
+        assert gate.returncode == 2, gate.stdout[-3000:] + gate.stderr[-3000:]
+        rejected = json.loads((out / "validation_report.json").read_text())
+        assert rejected["failed_checks"] == ["performance:throughput"] and not rejected["overall_pass"]
+        check = next(c for c in rejected["checks"] if c["check"] == "performance:throughput")
+        assert check["gating"] and check["threshold"] == 100
+        assert rejected["performance"]["baseline"]["cached"] is True
+        assert rejected["performance"]["baseline"]["measured_at"] == report["performance"]["baseline"]["measured_at"]
+        check_performance_and_card(out, rejected)
+        assert "**FAIL**" in (out / "quantized_model" / "README.md").read_text()
+        assert json.loads((out / "pipeline_summary.json").read_text())["outcome"] == "rejected"
+        assert DeploymentRegistry().active(cfg.name)["pid"] == redeployed["pid"]  # nothing new deployed
     finally:
         stop_deployment(cfg.name)
 

@@ -26,7 +26,7 @@ import yaml
 
 from conftest import REPO, free_port
 from quantflow.submit import PrefectREST
-from services import drop_database, flush_redis, pg_query, production_env, services_reason
+from services import pg_query, production_services, services_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 AUTH = "admin:quantflow-test"
@@ -96,24 +96,16 @@ def platform(s3_env, webhook, tmp_path_factory):
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
         "QUANTFLOW_RESULTS_URI": f"s3://{BUCKET}/prefect-results",
         "QUANTFLOW_ALERT_WEBHOOK_URL": webhook.url})
-    database = None
-    if not services_reason():
-        database = f"quantflow_test_{uuid.uuid4().hex[:8]}"
-        os.environ.update(production_env(database))
-        flush_redis()
     import s3fs
 
     s3fs.S3FileSystem().mkdir(BUCKET)
-    try:
-        record = up(port=free_port(), per_pool={"cpu": 2})
-        yield record
-    finally:
-        down()
-        os.environ.clear()
-        os.environ.update(saved)
-        if database:
-            drop_database(database)
-            flush_redis()
+    with production_services("quantflow_test"):
+        try:
+            yield up(port=free_port(), per_pool={"cpu": 2})
+        finally:
+            down()
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def demo_params(output_dir: str, **extra) -> dict:
@@ -286,6 +278,7 @@ def test_alert_event_triggers_the_shipped_automation(platform, webhook):
     from datetime import datetime, timezone
 
     assert "quantflow-quality-regression" in platform["automations"]
+    assert "quantflow-retry-crashed-runs" in platform["automations"]  # installed with or without alerts
     # The event a monitor emits, sent the way any other service can send one.
     event = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
              "event": "quantflow.monitor.quality_regression",
@@ -383,7 +376,7 @@ def test_state_lives_in_postgres_and_messages_in_redis(platform):
         pytest.skip(f"PostgreSQL + Redis topology not tested here: {reason}")
     import redis
 
-    from services import REDIS_TEST_DB
+    from services import REDIS_HOST, REDIS_PORT, REDIS_TEST_DB
 
     assert platform["topology"]["database"] == "postgresql" and platform["topology"]["broker"] == "redis"
     database = platform["topology"]["database_url"].rsplit("/", 1)[-1]
@@ -393,5 +386,5 @@ def test_state_lives_in_postgres_and_messages_in_redis(platform):
     via_api = api._ok(api.request("POST", "flow_runs/count", json={}))
     in_db = pg_query("select count(*) as n from flow_run", database)[0]["n"]
     assert in_db == via_api and in_db > 0
-    keys = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_TEST_DB).keys("message:messaging-cache:*")
+    keys = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_TEST_DB).keys("message:messaging-cache:*")
     assert keys, "no Prefect messages passed through Redis"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import yaml
 
 from conftest import first_word, golden_for, needs_serving
 from helpers import complete, vllm_serving
@@ -110,6 +112,26 @@ def test_edited_report_is_refused(validated_served, tmp_path):
     with pytest.raises(StageError, match="was modified after the validate stage wrote it"):
         deploy_model(CPU_SERVING, quantized, verdict, str(out), "edited")
     assert DeploymentRegistry().active("edited") is None
+
+
+def test_model_card_is_generated_and_an_edited_card_is_refused(validated_served, tmp_path):
+    """validate writes quantized_model/README.md from its report; the gate refuses a card
+    that differs from it (the card, like the report, is bound by sha256)."""
+    out, quantized, verdict = _release_copy(validated_served, tmp_path)
+    card = out / "quantized_model" / "README.md"
+    text = card.read_text()
+    assert verdict.card_sha256 == hashlib.sha256(text.encode()).hexdigest()
+    meta = yaml.safe_load(text.split("---", 2)[1])
+    report = json.loads((out / "validation_report.json").read_text())
+    assert meta["base_model"] == report["model"] and "quantized" in meta["tags"]
+    assert "Not measured (validation.performance.enabled is false)." in text
+    card.write_text(text.replace("**PASS**", "**PASS** (reviewed)"))
+    with pytest.raises(StageError, match="model card .*README.md was modified after the validate stage"):
+        deploy_model(CPU_SERVING, quantized, verdict, str(out), "edited-card")
+    card.unlink()
+    with pytest.raises(StageError, match="model card .*README.md is missing"):
+        deploy_model(CPU_SERVING, quantized, verdict, str(out), "no-card")
+    assert DeploymentRegistry().active("edited-card") is None and DeploymentRegistry().active("no-card") is None
 
 
 def test_missing_report_and_report_for_another_checkpoint_are_refused(validated_served, tmp_path):

@@ -5,10 +5,10 @@ from quantflow.config.pipeline import PipelineConfig, build_config, load_config
 from quantflow.config.placement import PlacementConfig
 from quantflow.config.quant import QuantConfig
 from quantflow.config.serving import CompletionCheck, DeployConfig, KubernetesTarget, MonitorConfig
-from quantflow.config.validation import (ConsistencyCheck, LmEvalCheck, LmEvalTask,
+from quantflow.config.validation import (ConsistencyCheck, LmEvalCheck, LmEvalTask, PerformanceCheck,
                                          PerplexityCheck, ValidationConfig)
 
-__all__ = ["CalibrationConfig", "CompletionCheck", "ConsistencyCheck", "DeployConfig",
+__all__ = ["CalibrationConfig", "CompletionCheck", "ConsistencyCheck", "PerformanceCheck", "DeployConfig",
            "KubernetesTarget", "LmEvalCheck", "LmEvalTask", "ModelSpec", "MonitorConfig",
            "PerplexityCheck", "PipelineConfig", "PlacementConfig", "QuantConfig", "TextSource",
            "ValidationConfig", "build_config", "load_config"]

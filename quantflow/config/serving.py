@@ -100,7 +100,12 @@ class MonitorConfig(StrictModel):
     window: int = Field(default=10, ge=1)
     min_mean_score: float = Field(default=0.8, ge=0, le=1)
     # Alert when vLLM's p99 end-to-end latency over the last scrape interval exceeds this.
-    latency_p99_max_s: float = Field(default=10.0, gt=0)
+    # None: the pre-deploy measurement of this model on this target (validation.performance)
+    # times latency_tolerance, or 10 s when none was made. A number here overrides both.
+    latency_p99_max_s: float | None = Field(default=None, gt=0)
+    latency_tolerance: float = Field(default=3.0, ge=1)
+    # … and when a probe's output tokens/s falls below the pre-deploy per-request rate
+    # divided by latency_tolerance (only with a pre-deploy measurement).
     # Where the Prometheus exporter for the seed's metrics listens.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9108, ge=1024, le=65535)

@@ -89,13 +89,45 @@ class ConsistencyCheck(StrictModel):
     max_kl: float | None = Field(default=0.1, ge=0)
 
 
+class PerformanceCheck(StrictModel):
+    """Serve the baseline and the quantized model with the deploy settings on this target
+    and drive both with vLLM's own benchmark (`vllm bench serve`, random prompts)."""
+    enabled: bool = False
+    # Load levels: requests in flight at once (--max-concurrency), one benchmark per level.
+    concurrency: list[int] = Field(default=[1, 4], min_length=1)
+    num_prompts: int = Field(default=16, ge=1)  # requests per level
+    input_len: int = Field(default=32, ge=1)  # random prompt tokens
+    output_len: int = Field(default=16, ge=1)  # generated tokens (EOS ignored)
+    # Optional gate, at the highest load level; None = report only.
+    min_throughput_ratio: float | None = Field(default=None, gt=0)  # quantized / baseline output tok/s
+    max_p99_ttft_ms: float | None = Field(default=None, gt=0)  # quantized p99 time to first token
+    max_p99_tpot_ms: float | None = Field(default=None, gt=0)  # quantized p99 time per output token
+
+    @model_validator(mode="after")
+    def _levels(self) -> "PerformanceCheck":
+        if any(c < 1 for c in self.concurrency):
+            raise ValueError("validation.performance.concurrency: every level must be >= 1 request in flight")
+        return self
+
+    @property
+    def gated(self) -> bool:
+        return any(v is not None for v in (self.min_throughput_ratio, self.max_p99_ttft_ms, self.max_p99_tpot_ms))
+
+
 class ValidationConfig(StrictModel):
     perplexity: PerplexityCheck = PerplexityCheck()
     lm_eval: LmEvalCheck = LmEvalCheck()
     consistency: ConsistencyCheck = ConsistencyCheck()
+    performance: PerformanceCheck = PerformanceCheck()
     # After a pass, suspend the flow until someone approves or rejects it in the Prefect UI.
     require_approval: bool = False
     approval_timeout_s: int = Field(default=24 * 3600, ge=60)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Precision both models are evaluated in (the same for both, always).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def for_baseline(self) -> "ValidationConfig":
+        """What stage 1 measures the baseline with: the quality settings only. Serving
+        performance has its own baseline cache (quantflow/serving/performance.py), so a
+        changed load level or gate never re-runs the baseline's quality evaluation."""
+        return self.model_copy(update={"performance": PerformanceCheck()})

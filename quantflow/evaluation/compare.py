@@ -10,7 +10,7 @@ from quantflow.evaluation.consistency import compare_generations
 from quantflow.evaluation.lmeval import metric_key
 
 
-def _check(name: str, metric: str, baseline: float, quantized: float, threshold: float | None,
+def check_result(name: str, metric: str, baseline: float, quantized: float, threshold: float | None,
            passed: bool, rule: str, **extra: Any) -> dict[str, Any]:
     delta = quantized - baseline
     return {"check": name, "metric": metric, "baseline": baseline, "quantized": quantized,
@@ -27,7 +27,7 @@ def compare(baseline: dict, candidate: dict, validation: ValidationConfig,
         q = candidate["perplexity"]["perplexity"]
         limit = validation.perplexity.max_increase_pct
         inc = 100.0 * (q - b) / b
-        checks.append(_check("perplexity", "perplexity", b, q, limit, inc <= limit,
+        checks.append(check_result("perplexity", "perplexity", b, q, limit, inc <= limit,
                              f"increase <= {limit}%", tokens=candidate["perplexity"]["tokens"]))
     if validation.lm_eval.enabled:
         for task in validation.lm_eval.tasks:
@@ -50,7 +50,7 @@ def compare(baseline: dict, candidate: dict, validation: ValidationConfig,
                 ok &= (b - q) <= task.max_drop
                 rules.append(f"drop <= {task.max_drop}")
             threshold = task.min_recovery if task.min_recovery is not None else task.max_drop
-            checks.append(_check(f"lm_eval:{task.name}", key, b, q, threshold, ok,
+            checks.append(check_result(f"lm_eval:{task.name}", key, b, q, threshold, ok,
                                  " and ".join(rules) or "reported only", recovery=recovery))
     if validation.consistency.enabled:
         cons = validation.consistency
@@ -58,12 +58,12 @@ def compare(baseline: dict, candidate: dict, validation: ValidationConfig,
                                   candidate["generations"]["token_ids"])
         rate = gen["exact_match_rate"]
         ok = cons.min_exact_match is None or rate >= cons.min_exact_match
-        checks.append(_check("greedy_consistency", "exact_match_rate", 1.0, rate, cons.min_exact_match,
+        checks.append(check_result("greedy_consistency", "exact_match_rate", 1.0, rate, cons.min_exact_match,
                              ok, f"rate >= {cons.min_exact_match}" if cons.min_exact_match is not None
                              else "reported only", first_divergence=gen["first_divergence"]))
         if kl is not None:
             ok = cons.max_kl is None or kl <= cons.max_kl
-            checks.append(_check("kl_divergence", "mean_kl_nats", 0.0, kl, cons.max_kl, ok,
+            checks.append(check_result("kl_divergence", "mean_kl_nats", 0.0, kl, cons.max_kl, ok,
                                  f"kl <= {cons.max_kl}" if cons.max_kl is not None else "reported only",
                                  tokens=candidate["logprobs"]["tokens"]))
     return checks

@@ -107,10 +107,12 @@ def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
     pools = config.placement.pools
     lm_eval_serving = (config.deploy if config.validation.lm_eval.enabled
                        and config.validation.lm_eval.backend == "local-completions" else None)
+    # Validate serves models too when it measures serving performance on the deploy target.
+    validate_serving = config.deploy if config.validation.performance.enabled else lm_eval_serving
     common = {"output_uri": out, "timeout_s": config.placement.stage_timeout_s}
 
     ckpt, rec = run_cached_stage("checkpoint", pool=pools.get("checkpoint"), model=config.model,
-                                 validation=config.validation, serving=lm_eval_serving,
+                                 validation=config.validation.for_baseline(), serving=lm_eval_serving,
                                  golden_prompts=golden_prompts(config), **common)
     summary.add(rec)
     calib = None
@@ -123,7 +125,7 @@ def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
     summary.add(rec)
     verdict, rec = run_cached_stage("validate", pool=pools.get("validate"),
                                     validation=config.validation, checkpoint=ckpt, quantized=quant,
-                                    serving=lm_eval_serving, **common)
+                                    serving=validate_serving, **common)
     summary.add(rec)
     report = read_json_uri(verdict.report_uri)
     publish_report(config, report)

@@ -30,6 +30,36 @@ def client_for(record: dict) -> CompletionsClient:
     return CompletionsClient(record["base_url"], record["served_model_name"], key)
 
 
+DEFAULT_P99_S = 10.0
+
+
+def latency_limit(record: dict, cfg: MonitorConfig) -> tuple[float, str]:
+    """The p99 bound: the config's number if it names one, else the pre-deploy p99 of this
+    model on this target times the tolerance, else 10 s."""
+    if cfg.latency_p99_max_s is not None:
+        return cfg.latency_p99_max_s, "monitor.latency_p99_max_s"
+    expected = record.get("performance")
+    if expected:
+        return (expected["p99_e2el_s"] * cfg.latency_tolerance,
+                f"pre-deploy p99 {expected['p99_e2el_s']:.3g}s x {cfg.latency_tolerance}")
+    return DEFAULT_P99_S, "default"
+
+
+def slow_probes(answered: list[dict], expected: dict | None, cfg: MonitorConfig) -> list[dict]:
+    """Probes whose generation rate fell below the pre-deploy per-request rate / tolerance.
+    Only probes that generated several tokens count: one token is all first-token latency."""
+    if not expected or cfg.latency_p99_max_s is not None:
+        return []
+    floor = expected["per_request_tok_per_s"] / cfg.latency_tolerance
+    slow = []
+    for r in answered:
+        tokens, latency = r.get("completion_tokens"), r.get("latency_s")
+        if tokens and tokens >= 4 and latency and tokens / latency < floor:
+            slow.append({"prompt": r["prompt"], "tok_per_s": tokens / latency,
+                         "expected_tok_per_s": expected["per_request_tok_per_s"]})
+    return slow
+
+
 def monitor_round(record: dict, cfg: MonitorConfig) -> dict[str, Any]:
     """Probe the deployment described by `record` (a deployment registry entry) once."""
     store = ArtifactStore(state_uri(record, cfg))
@@ -68,11 +98,18 @@ def monitor_round(record: dict, cfg: MonitorConfig) -> dict[str, Any]:
         state.vllm_snapshot = snap
     except httpx.HTTPError as err:
         log.warning("monitor: could not scrape %s/metrics: %s", record["base_url"], err)
-    if p99 is not None and p99 > cfg.latency_p99_max_s:
+    limit_s, basis = latency_limit(record, cfg)
+    if p99 is not None and p99 > limit_s:
         alerts.append(raise_alert(state, "latency_regression", "warning",
-                                  f"vLLM p99 end-to-end latency {p99:.2f}s > {cfg.latency_p99_max_s}s "
+                                  f"vLLM p99 end-to-end latency {p99:.2f}s > {limit_s:.3g}s ({basis}) "
                                   "since the previous check",
-                                  {"p99_s": p99, "threshold_s": cfg.latency_p99_max_s}))
+                                  {"p99_s": p99, "threshold_s": limit_s, "basis": basis}))
+    slow = slow_probes(answered, record.get("performance"), cfg)
+    if slow:
+        alerts.append(raise_alert(state, "latency_regression", "warning",
+                                  f"{len(slow)} probe(s) generated slower than the pre-deploy rate "
+                                  f"{slow[0]['expected_tok_per_s']:.3g} tok/s / {cfg.latency_tolerance}: "
+                                  f"{slow[0]['tok_per_s']:.3g} tok/s", {"slow": slow}))
     save_state(store, state)
     log.info("monitor %s: quality %s over %d probes, p99 %s, %d alert(s)", record["name"],
              f"{score:.2f}" if score is not None else "n/a", min(cfg.window, len(state.history)),

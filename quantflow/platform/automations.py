@@ -38,3 +38,21 @@ def install_automations(api_url: str, webhook_url: str,
                 client.create_automation(automation)
                 names.append(automation.name)
     return names
+
+
+RECOVERY = Path(__file__).resolve().parents[2] / "infra/automations/quantflow-recovery.yaml"
+
+
+def install_recovery(api_url: str, path: Path = RECOVERY) -> list[str]:
+    """Automations that need no notification block (crashed runs are scheduled again)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    names = []
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        for automation in load_automations(path, ""):
+            for old in client.read_automations_by_name(automation.name):
+                client.delete_automation(old.id)
+            client.create_automation(automation)
+            names.append(automation.name)
+    return names

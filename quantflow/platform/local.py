@@ -129,11 +129,12 @@ def up(port: int = 4200, pools=POOLS, with_workers: bool = True, env_file: str |
     record = {"api_url": api_url, "port": port, "topology": topology,
               "workers": start_workers(api_url, pools, per_pool=per_pool, limit=worker_limit)
               if with_workers else {}}
+    from quantflow.platform.automations import install_automations, install_recovery
+
+    record["automations"] = install_recovery(api_url)
     webhook = os.environ.get("QUANTFLOW_ALERT_WEBHOOK_URL")
     if webhook:
-        from quantflow.platform.automations import install_automations
-
-        record["automations"] = install_automations(api_url, webhook)
+        record["automations"] += install_automations(api_url, webhook)
     (state_dir() / RECORD).write_text(json.dumps(record, indent=2))
     return record
 

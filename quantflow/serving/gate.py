@@ -12,7 +12,7 @@ import json
 
 from quantflow.errors import StageError
 from quantflow.manifests import QuantizedManifest, ValidationManifest
-from quantflow.store import read_uri
+from quantflow.store import CARD_FILE, read_uri
 
 STAGE = "deploy"
 
@@ -44,4 +44,15 @@ def verify_release(quantized: QuantizedManifest, validation: ValidationManifest 
                          f"being deployed (report {report.get('checkpoint_sha256', '?')[:12]}, "
                          f"checkpoint {served[:12]}): refusing to deploy",
                          "re-run the pipeline so the deployed checkpoint is the validated one")
+    if validation.card_sha256:
+        card_uri = f"{quantized.uri.rstrip('/')}/{CARD_FILE}"
+        try:
+            card = read_uri(card_uri)
+        except FileNotFoundError:
+            raise StageError(STAGE, f"model card {card_uri} is missing: refusing to deploy",
+                             "re-run the pipeline to re-validate (it writes the card)") from None
+        if hashlib.sha256(card).hexdigest() != validation.card_sha256:
+            raise StageError(STAGE, f"model card {card_uri} was modified after the validate stage "
+                             "wrote it: refusing to deploy",
+                             "re-run the pipeline to re-validate (the card is generated from the report)")
     return report

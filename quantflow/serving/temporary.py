@@ -40,7 +40,7 @@ def temporary_server(model_dir: str, cfg: DeployConfig, max_model_len: int | Non
     server = VllmServer(spec).start(api_key=None)
     try:
         server.wait_healthy(cfg.startup_timeout_s)
-        yield {"base_url": spec.base_url, "served_model_name": name, "log_path": str(log)}
+        yield {"base_url": spec.base_url, "served_model_name": name, "log_path": str(log), "pid": server.pid}
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)

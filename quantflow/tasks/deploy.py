@@ -21,6 +21,7 @@ from quantflow.errors import StageError
 from quantflow.manifests import QuantizedManifest, ValidationManifest, now
 from quantflow.serving.compatibility import ensure_servable
 from quantflow.serving.environment import describe, serving_python
+from quantflow.serving.performance import expectation
 from quantflow.serving.gate import verify_release
 from quantflow.serving.health import CompletionsClient, HealthCheckFailed, check_endpoint
 from quantflow.serving.process import (ServerFailed, ServerSpec, VllmServer, is_loopback, port_free,
@@ -91,7 +92,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
         store.write_json("deployment.json", record)
         return record
     local, on_disk = fetch_quantized(quantized, STAGE)  # every file's sha256 re-checked
-    verify_release(quantized, validation, served_sha256=on_disk)
+    report = verify_release(quantized, validation, served_sha256=on_disk)
     python = serving_python(deploy.serving_python)
     info = describe(python)
     device = preflight(deploy, quantized, info, local)
@@ -135,7 +136,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                   "health": health, "deployed_at": now(), "backend": "local",
                   "monitor": monitor.model_dump(mode="json") if monitor else None,
                   "auth": bool(api_key(deploy)), "api_key_env": deploy.api_key_env,
-                  "golden": list(golden or [])}
+                  "golden": list(golden or []), "performance": expectation(report)}
         previous = registry.activate(name, record)
         if previous:
             log.info("deploy: stopping previous server %s (pid %s)", previous["base_url"], previous["pid"])

@@ -8,7 +8,8 @@ import logging
 
 from prefect import task
 
-from quantflow.artifacts import begin_outputs, finish_outputs, fetch_quantized, read_json_uri
+from quantflow.artifacts import (begin_outputs, fetch_quantized, finish_outputs, local_checkpoint,
+                                 read_json_uri, split_uri)
 from quantflow.config import DeployConfig, ValidationConfig
 from quantflow.errors import StageError
 from quantflow.evaluation.compare import compare
@@ -16,7 +17,8 @@ from quantflow.evaluation.consistency import mean_kl
 from quantflow.evaluation.suite import evaluate_model, load_logprobs
 from quantflow.manifests import CheckpointManifest, QuantizedManifest, ValidationManifest, now
 from quantflow.profiling import measure
-from quantflow.reporting import render_chart, render_markdown
+from quantflow.model_card import CARD, render_card
+from quantflow.reporting import render_chart, render_markdown, render_performance_chart
 from quantflow.store import ArtifactStore
 from quantflow.tasks.policy import stage_task_options
 from quantflow.versions import tool_versions
@@ -24,6 +26,7 @@ from quantflow.versions import tool_versions
 log = logging.getLogger("quantflow.validate")
 STAGE = "validate"
 REPORT = "validation_report.json"
+PERF_CHART = "performance_chart.png"
 
 
 def summarize(checks: list[dict]) -> str:
@@ -41,7 +44,7 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
     begin_outputs(store, STAGE)
     with measure() as usage:
         baseline_doc = read_json_uri(checkpoint.baseline_uri)
-        if baseline_doc["validation_config"] != validation.model_dump(mode="json"):
+        if baseline_doc["validation_config"] != validation.for_baseline().model_dump(mode="json"):
             raise StageError(STAGE, "the baseline was measured with different validation settings",
                              "re-run the pipeline so stage 1 re-measures the baseline")
         local, _ = fetch_quantized(quantized, STAGE)
@@ -52,6 +55,15 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
             kl = mean_kl(load_logprobs(checkpoint.logprobs_uri),
                          load_logprobs(candidate["logprobs"]["uri"]))
         checks = compare(baseline_doc["metrics"], candidate, validation, kl)
+        performance = None
+        if validation.performance.enabled:
+            from quantflow.serving.performance import measure_performance
+
+            baseline_dir = local_checkpoint(checkpoint, STAGE)
+            performance, perf_checks = measure_performance(
+                str(baseline_dir), checkpoint.fingerprint, str(local), serving or DeployConfig(),
+                validation.performance)
+            checks += perf_checks
         failed = [c["check"] for c in checks if c["gating"] and not c["passed"]]
         report = {
             "model": checkpoint.model.id, "label": quantized.label, "created_at": now(),
@@ -64,20 +76,39 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
                      "ratio": round(quantized.size_bytes / quantized.baseline_size_bytes, 4)},
             "config": validation.model_dump(mode="json"), "versions": tool_versions(),
         }
+        if performance is not None:
+            report["performance"] = performance
         if validation.consistency.enabled:
             report["generations"] = {"prompts": validation.consistency.prompts,
                                      "baseline": baseline_doc["metrics"]["generations"]["texts"],
                                      "quantized": candidate["generations"]["texts"]}
         store.write_bytes("validation_chart.png", render_chart(checks))
-        store.write_text("validation_report.md", render_markdown(report, "validation_chart.png"))
+        if performance is not None:
+            store.write_bytes(PERF_CHART, render_performance_chart(performance))
+        store.write_text("validation_report.md", render_markdown(
+            report, "validation_chart.png", PERF_CHART if performance is not None else None))
         raw = (json.dumps(report, indent=2, default=str) + "\n").encode()
         uri = store.write_bytes(REPORT, raw)
+        card_sha256 = write_model_card(report, quantized, checkpoint, hashlib.sha256(raw).hexdigest(), local)
     verdict = "PASS" if report["overall_pass"] else "FAIL"
     log.info("validate: %s — %s", verdict, report["summary"])
     return finish_outputs(store, STAGE, ValidationManifest(report_uri=uri, report_sha256=hashlib.sha256(raw).hexdigest(),
                               overall_pass=report["overall_pass"],
                               checkpoint_sha256=quantized.checkpoint_sha256, failed_checks=failed,
-                              summary=report["summary"], versions=tool_versions(), usage=vars(usage)))
+                              summary=report["summary"], card_sha256=card_sha256,
+                              versions=tool_versions(), usage=vars(usage)))
+
+
+def write_model_card(report: dict, quantized: QuantizedManifest, checkpoint: CheckpointManifest,
+                     report_sha256: str, local) -> str:
+    """README.md in the quantized checkpoint folder, generated from the report."""
+    from quantflow.serving.schemes import scheme_of_checkpoint
+
+    scheme = scheme_of_checkpoint(str(local))
+    card = render_card(report, quantized, checkpoint, report_sha256, scheme.label if scheme else None)
+    store, name = split_uri(quantized.uri)
+    store.write_text(f"{name}/{CARD}", card)
+    return hashlib.sha256(card.encode()).hexdigest()
 
 
 validate_task = task(**stage_task_options(STAGE))(validate_model)
