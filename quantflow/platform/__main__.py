@@ -34,7 +34,8 @@ def main() -> None:
     print(f"Prefect UI:  {ui_url(record['api_url'])}")
     print(f"database:    {topo.get('database_url', 'sqlite')}; messaging and stage locks: "
           f"{topo.get('broker', 'memory')}")
-    print(f"work pools:  {', '.join(POOLS)} (one process worker each; logs in .quantflow/workers/)")
+    print(f"work pools:  {', '.join(POOLS)} ({args.workers} process worker(s) on cpu, one on each GPU pool; "
+          "logs in .quantflow/workers/)")
     print("deployments: quantize-pipeline/quantize-pipeline, requantize/requantize, "
           "quality-monitor/quality-monitor, quantflow-stage/gpu-a100, quantflow-stage/gpu-h100")
     print("start a run: quantflow submit --config configs/demo.yaml   (make down stops it all)")
