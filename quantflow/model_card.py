@@ -57,12 +57,10 @@ def front_matter(quantized: QuantizedManifest, checkpoint: CheckpointManifest,
 
 
 def validation_rows(report: dict) -> list[str]:
-    rows = ["| check | metric | baseline | quantized | Δ% | rule | result |", "|---|---|---|---|---|---|---|"]
-    for c in report["checks"]:
-        result = ("PASS" if c["passed"] else "FAIL") if c["gating"] else "info"
-        rows.append(f"| {c['check']} | {c['metric']} | {_num(c['baseline'])} | {_num(c['quantized'])} | "
-                    f"{c['delta_pct']:+.2f} | {c['rule']} | {result} |")
-    return rows
+    from quantflow.reporting import checks_rows
+
+    return ["| check | metric | baseline | quantized | Δ% | rule | result |", "|---|---|---|---|---|---|---|",
+            *checks_rows(report["checks"])]
 
 
 def performance_rows(perf: dict | None) -> list[str]:

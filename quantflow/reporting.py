@@ -45,6 +45,12 @@ def performance_lines(perf: dict, chart_name: str | None) -> list[str]:
     return lines
 
 
+def checks_rows(checks: list[dict]) -> list[str]:
+    """Markdown rows of the checks table (the report and the model card share it)."""
+    return [f"| {row['check']} | {row['metric']} | {_fmt(row['baseline'])} | {_fmt(row['quantized'])} | "
+            f"{row['delta_pct']:+.2f} | {row['rule']} | {row['result']} |" for row in checks_table(checks)]
+
+
 def render_markdown(report: dict, chart_name: str | None, perf_chart: str | None = None) -> str:
     verdict = "PASS" if report["overall_pass"] else "FAIL"
     lines = [f"# Validation report: {report['model']} → {report['label']}", "",
@@ -53,10 +59,7 @@ def render_markdown(report: dict, chart_name: str | None, perf_chart: str | None
              f"Quantized checkpoint sha256: `{report['checkpoint_sha256']}`", "",
              "| check | metric | baseline | quantized | Δ% | rule | result |",
              "|---|---|---|---|---|---|---|"]
-    for row in checks_table(report["checks"]):
-        lines.append(f"| {row['check']} | {row['metric']} | {_fmt(row['baseline'])} | "
-                     f"{_fmt(row['quantized'])} | {row['delta_pct']:+.2f} | {row['rule']} | "
-                     f"{row['result']} |")
+    lines += checks_rows(report["checks"])
     gens = report.get("generations")
     if gens:
         lines += ["", "## Greedy generations (baseline vs quantized)", ""]
