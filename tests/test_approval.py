@@ -1,4 +1,6 @@
-"""Optional human approval between a passing validation and deployment."""
+"""Optional human approval between a passing validation and deployment. (A rejection, on
+the platform through the REST API: tests/test_platform.py
+test_approval_suspends_and_releases_the_worker.)"""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 
 from conftest import needs_serving
 from helpers import stop_deployment
-from quantflow.flows.pipeline import REJECTED_STATE, quantize_pipeline
+from quantflow.flows.pipeline import quantize_pipeline
 from quantflow.serving.registry import DeploymentRegistry
 
 pytestmark = [pytest.mark.slow]
@@ -44,24 +46,6 @@ def decide(run_id: str, approve: bool, reason: str) -> None:
     from prefect.flow_runs import resume_flow_run
 
     resume_flow_run(run_id, run_input={"approve": approve, "reason": reason})
-
-
-def test_rejected_approval_deploys_nothing(prefect_server, config_factory):
-    cfg = config_factory(validation={"require_approval": True,
-                                     "perplexity": {"source": {"dataset": ".cache/demo/data/heldout.jsonl"},
-                                                    "window": 128}})
-    thread, box = run_in_thread(lambda: quantize_pipeline(config=cfg, return_state=True))
-    run_id = wait_paused(prefect_server, cfg.output_uri)
-    run = httpx.get(f"{prefect_server}/flow_runs/{run_id}", timeout=10).json()
-    assert run["state"]["name"] == "Paused"
-    decide(run_id, False, "perplexity fine but we ship on Mondays")
-    thread.join(120)
-    state = box["state"]
-    assert state.is_failed() and state.name == REJECTED_STATE
-    assert "ship on Mondays" in state.message
-    assert DeploymentRegistry().active(cfg.name) is None
-    summary = json.loads((Path(cfg.output_uri) / "pipeline_summary.json").read_text())
-    assert summary["outcome"] == "approval_rejected" and summary["verdict"] == "pass"
 
 
 @needs_serving

@@ -125,6 +125,76 @@ def test_unauthenticated_calls_are_refused(platform):
         PrefectREST(api, auth_string="").deployment_id("quantize-pipeline/quantize-pipeline")
 
 
+# One cheap configuration shared by the concurrency, restart and submit tests (in this
+# order): the first computes its stages, the others find them cached.
+CHEAP_OUT = f"s3://{BUCKET}/shared/{uuid.uuid4().hex[:8]}"
+
+
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def task_runs(api: PrefectREST, flow_run_ids: list[str], timeout_s: float = 60) -> list[dict]:
+    """The task runs of finished flow runs, once the server has recorded their final states:
+    Prefect 3 records task-run states from events, a moment after the flow run itself ends."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = api._ok(api.request("POST", "task_runs/filter", json={
+            "flow_runs": {"id": {"any_": flow_run_ids}}, "limit": 200}))
+        if all(r["state_type"] in TERMINAL for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(1)
+
+
+def test_identical_runs_compute_each_stage_once(platform):
+    """Two identical runs at once, on two workers: each stage is computed by one of them
+    (under the stage's lock); the other waits and reports it Cached."""
+    api = PrefectREST(platform["api_url"], AUTH)
+    params = {"config": demo_params(CHEAP_OUT, name="same-work")}
+    runs = [api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key=f"same-{i}")
+            for i in range(2)]
+    finals = [api.wait(r["id"], timeout_s=900) for r in runs]
+    assert [f["state_type"] for f in finals] == ["COMPLETED", "COMPLETED"], [f["state"] for f in finals]
+    assert len({f["infrastructure_pid"] for f in finals}) == 2  # two flow-run processes
+    by_stage: dict[str, list[dict]] = {}
+    for tr in task_runs(api, [r["id"] for r in runs]):
+        by_stage.setdefault(tr["name"].rsplit("-", 1)[0], []).append(tr)  # "quantize-a1b"
+    stages = ("checkpoint", "calibration", "quantize", "validate")
+    for stage in stages:
+        names = sorted(tr["state_name"] for tr in by_stage[stage])
+        assert names == ["Cached", "Completed"], (stage, names)
+    # The later run reached at least one stage while the first was computing it: it waited
+    # on the lock instead of computing the stage a second time.
+    waited = [stage for stage in stages
+              if next(t for t in by_stage[stage] if t["state_name"] == "Cached")["start_time"]
+              < next(t for t in by_stage[stage] if t["state_name"] == "Completed")["end_time"]]
+    assert waited, "the two runs never overlapped on a stage; nothing was proven about the lock"
+
+
+def test_no_run_is_lost_or_duplicated_across_a_server_restart(platform):
+    """Runs in flight while the Prefect server restarts: a client re-sending the same
+    idempotency keys gets the same runs, the workers reconnect, every run completes once."""
+    from quantflow.platform.local import restart_server
+
+    api = PrefectREST(platform["api_url"], AUTH, retries=8)
+    params = {"config": demo_params(CHEAP_OUT, name="restart")}
+    keys = [f"restart-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
+    ids = {k: api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key=k)["id"]
+           for k in keys}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(
+            api.flow_run(i)["state_type"] == "RUNNING" for i in ids.values()):
+        time.sleep(1)
+    assert restart_server() == platform["api_url"]
+    again = {k: api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key=k)["id"]
+             for k in keys}
+    assert again == ids
+    finals = {k: api.wait(i, timeout_s=900) for k, i in ids.items()}
+    assert {k: f["state_type"] for k, f in finals.items()} == {k: "COMPLETED" for k in keys}, \
+        {k: f["state"]["message"] for k, f in finals.items()}
+    runs = api._ok(api.request("POST", "flow_runs/filter", json={"flows": {"name": {"any_": ["quantize-pipeline"]}}}))
+    assert sorted(r["idempotency_key"] for r in runs if r["idempotency_key"] in keys) == sorted(keys)
+
+
 def read_s3_json(uri: str) -> dict:
     import s3fs
 
@@ -207,7 +277,7 @@ def test_requantize_runs_only_when_inputs_change(platform, demo_model, tmp_path)
 
 def test_submit_cli_uses_the_rest_api(platform, tmp_path):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(demo_params(f"s3://{BUCKET}/cli/{uuid.uuid4().hex[:8]}")))
+    cfg.write_text(yaml.safe_dump(demo_params(CHEAP_OUT, name="cli")))
     env = {**os.environ, "PREFECT_API_URL": platform["api_url"], "PREFECT_API_AUTH_STRING": AUTH}
     proc = subprocess.run([sys.executable, "-m", "quantflow.cli", "submit", "--config", str(cfg),
                            "--idempotency-key", "cli-1", "--wait"], env=env, capture_output=True,
@@ -252,6 +322,9 @@ def test_approval_suspends_and_releases_the_worker(platform, served_quant):
     final = api.wait(run["id"], timeout_s=600)
     assert final["state_name"] == "ApprovalRejected", final["state"]
     assert "not this week" in final["state"]["message"]
+    summary = read_s3_json(f"{params['output_dir']}/pipeline_summary.json")
+    assert summary["outcome"] == "approval_rejected" and summary["verdict"] == "pass"
+    assert summary["approval"] == "not this week" and "deploy" not in summary["stages"]
 
 
 def test_gpu_job_templates_are_accepted_by_the_server(platform):
@@ -306,66 +379,6 @@ def test_requantize_runs_never_overlap(platform):
     assert states == ["CANCELLED", "COMPLETED"], [(f["state_name"], f["state"]["message"]) for f in finals]
     cancelled = next(f for f in finals if f["state_type"] == "CANCELLED")
     assert "concurrency" in cancelled["state"]["message"].lower()
-
-
-# One cheap configuration shared by the concurrency and restart tests: the first computes
-# its stages, the second finds them cached.
-CHEAP_OUT = f"s3://{BUCKET}/shared/{uuid.uuid4().hex[:8]}"
-
-
-def task_runs(api: PrefectREST, flow_run_ids: list[str]) -> list[dict]:
-    return api._ok(api.request("POST", "task_runs/filter", json={
-        "flow_runs": {"id": {"any_": flow_run_ids}}, "limit": 200}))
-
-
-def test_identical_runs_compute_each_stage_once(platform):
-    """Two identical runs at once, on two workers: each stage is computed by one of them
-    (under the stage's lock); the other waits and reports it Cached."""
-    api = PrefectREST(platform["api_url"], AUTH)
-    params = {"config": demo_params(CHEAP_OUT, name="same-work")}
-    runs = [api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key=f"same-{i}")
-            for i in range(2)]
-    finals = [api.wait(r["id"], timeout_s=900) for r in runs]
-    assert [f["state_type"] for f in finals] == ["COMPLETED", "COMPLETED"], [f["state"] for f in finals]
-    assert len({f["infrastructure_pid"] for f in finals}) == 2  # two flow-run processes
-    by_stage: dict[str, list[dict]] = {}
-    for tr in task_runs(api, [r["id"] for r in runs]):
-        by_stage.setdefault(tr["name"].rsplit("-", 1)[0], []).append(tr)  # "quantize-a1b"
-    stages = ("checkpoint", "calibration", "quantize", "validate")
-    for stage in stages:
-        names = sorted(tr["state_name"] for tr in by_stage[stage])
-        assert names == ["Cached", "Completed"], (stage, names)
-    # The later run reached at least one stage while the first was computing it: it waited
-    # on the lock instead of computing the stage a second time.
-    waited = [stage for stage in stages
-              if next(t for t in by_stage[stage] if t["state_name"] == "Cached")["start_time"]
-              < next(t for t in by_stage[stage] if t["state_name"] == "Completed")["end_time"]]
-    assert waited, "the two runs never overlapped on a stage; nothing was proven about the lock"
-
-
-def test_no_run_is_lost_or_duplicated_across_a_server_restart(platform):
-    """Runs in flight while the Prefect server restarts: a client re-sending the same
-    idempotency keys gets the same runs, the workers reconnect, every run completes once."""
-    from quantflow.platform.local import restart_server
-
-    api = PrefectREST(platform["api_url"], AUTH, retries=8)
-    params = {"config": demo_params(CHEAP_OUT, name="restart")}
-    keys = [f"restart-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
-    ids = {k: api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key=k)["id"]
-           for k in keys}
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not any(
-            api.flow_run(i)["state_type"] == "RUNNING" for i in ids.values()):
-        time.sleep(1)
-    assert restart_server() == platform["api_url"]
-    again = {k: api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key=k)["id"]
-             for k in keys}
-    assert again == ids
-    finals = {k: api.wait(i, timeout_s=900) for k, i in ids.items()}
-    assert {k: f["state_type"] for k, f in finals.items()} == {k: "COMPLETED" for k in keys}, \
-        {k: f["state"]["message"] for k, f in finals.items()}
-    runs = api._ok(api.request("POST", "flow_runs/filter", json={"flows": {"name": {"any_": ["quantize-pipeline"]}}}))
-    assert sorted(r["idempotency_key"] for r in runs if r["idempotency_key"] in keys) == sorted(keys)
 
 
 def test_state_lives_in_postgres_and_messages_in_redis(platform):
