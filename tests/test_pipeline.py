@@ -122,12 +122,15 @@ def test_flow_deploys_then_reruns_from_cache(prefect_server, config_factory):
 
 
 def test_gate_blocks_deployment(prefect_server, config_factory):
-    # GPTQ W4 moves perplexity by ~0.04%: a 0% tolerance cannot be met.
-    cfg = config_factory(validation={"perplexity": {
-        "source": {"dataset": ".cache/demo/data/heldout.jsonl"}, "window": 128, "max_increase_pct": 0.0}})
+    # Any quantized model's next-token distribution differs from its baseline's: KL > 0, so
+    # a KL bound of 0 cannot be met. (Perplexity is no such certainty: GPTQ W4 lowers it
+    # slightly on the demo model an AVX-512 host trains.)
+    cfg = config_factory(validation={
+        "perplexity": {"source": {"dataset": ".cache/demo/data/heldout.jsonl"}, "window": 128},
+        "consistency": {"prompts": ["The for statement"], "max_new_tokens": 8, "kl_tokens": 256, "max_kl": 0.0}})
     state = quantize_pipeline(config=cfg, return_state=True)
     assert state.is_failed() and state.name == GATE_STATE
-    assert "perplexity" in state.message
+    assert "kl_divergence" in state.message
     out = Path(cfg.output_uri)
     assert not (out / "deployment.json").exists()
     assert DeploymentRegistry().active(cfg.name) is None

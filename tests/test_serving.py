@@ -76,7 +76,20 @@ def test_scheme_family_serves_a_correct_completion(family, quant, validated_serv
     with temporary_server(m.uri, CPU_SERVING, max_model_len=256, name=family) as endpoint:
         text = complete(endpoint["base_url"], family, "evaluated when the", 4)
     golden = golden_for(ckpt, "evaluated when the", 4)
-    assert first_word(text) == first_word(golden), (family, text, golden)
+    if first_word(text) != first_word(golden):
+        # Quantization may change a greedy answer (AWQ W4A16 does, on the demo model an
+        # AVX-512 host trains): then the server must answer as the same checkpoint does in
+        # transformers, which is what serving it correctly means.
+        own = quantized_answer(m.uri, "evaluated when the", 4)
+        assert first_word(text) == first_word(own), (family, text, own, golden)
+
+
+def quantized_answer(model_dir: str, prompt: str, max_tokens: int) -> str:
+    from quantflow.evaluation.consistency import greedy_generations
+    from quantflow.evaluation.loading import load_for_eval
+
+    model, tok = load_for_eval(model_dir, "bfloat16", "cpu")  # the served dtype
+    return tok.decode(greedy_generations(model, tok, [prompt], max_tokens)[0], skip_special_tokens=True)
 
 
 def test_failed_rollout_keeps_the_live_server(live_deployment, validated_served):

@@ -78,4 +78,6 @@ def test_gptq_4bit_passes_the_default_gate(baseline, validation, demo_dir, tmp_p
     assert v.overall_pass, v.summary
     report = json.loads((tmp_path / "validation_report.json").read_text())
     ppl = next(c for c in report["checks"] if c["check"] == "perplexity")
-    assert 0 <= ppl["delta_pct"] < 2.0  # GPTQ W4 g128 barely moves the demo model
+    # GPTQ W4 g128 barely moves the demo model, either way: +0.10% on the model an AVX2
+    # host trains, -0.016% on the one an AVX-512 host trains.
+    assert abs(ppl["delta_pct"]) < 2.0
