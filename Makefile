@@ -5,7 +5,7 @@ SERVE_VENV := .venv-serve
 QF := $(VENV)/bin/quantflow
 PYTEST_ARGS ?=
 
-.PHONY: setup serve-env demo stop test test-fast up down benchmark quality-table clean
+.PHONY: setup serve-env demo stop test test-fast up down benchmark benchmark-serving benchmark-platform quality-table clean
 
 # uv installs the pinned sets in seconds where pip took minutes (measured on this machine
 # kind: the serving set in 15 s with uv, 132 s with pip). torch's CPU build is the local
@@ -53,10 +53,20 @@ up: setup
 down:
 	@if [ -x $(VENV)/bin/python ]; then $(VENV)/bin/python -m quantflow.platform down; fi
 
+# The pipeline's own cost at real model sizes (docs/benchmarks.md); builds 1B- and
+# 8B-shaped checkpoints once into .cache/bench (about 19 GB of disk).
 benchmark: setup
 	$(VENV)/bin/python -m quantflow.demo
-	$(VENV)/bin/python benchmarks/perplexity_vs_lmeval.py
+	$(VENV)/bin/python benchmarks/pipeline_cost.py
+
+# Serving speed of the demo model, baseline vs quantized (docs/validation.md).
+benchmark-serving: setup
+	$(VENV)/bin/python -m quantflow.demo
 	$(VENV)/bin/python benchmarks/serving_performance.py
+
+# 20 REST-triggered runs on PostgreSQL + Redis and on SQLite (docs/platform.md).
+benchmark-platform: setup
+	$(VENV)/bin/python -m quantflow.demo
 	$(VENV)/bin/python benchmarks/platform_load.py
 
 quality-table: setup

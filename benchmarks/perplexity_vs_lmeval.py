@@ -35,7 +35,7 @@ def timed(fn):
     return result, statistics.median(times)
 
 
-def main() -> None:
+def compare() -> dict:
     root = build_demo_assets(Path(DEFAULT_DIR), log=lambda *_: None)
     model, tok = load_for_eval(root / "model", "float32", "cpu")
     docs = [json.loads(x)["text"] for x in (root / "data" / "heldout.jsonl").read_text().splitlines()]
@@ -46,12 +46,19 @@ def main() -> None:
                                                  model_dir=str(root / "model"), max_length=WINDOW))
     n_bytes = sum(len(d.encode()) for d in docs)
     lm_ppl = theirs["demo_ppl"]["byte_perplexity,none"] ** (n_bytes / ours.tokens)
-    print(f"text: {len(docs)} documents, {ours.tokens} tokens, window {WINDOW}, batch {BATCH}, "
+    return {"documents": len(docs), "tokens": ours.tokens, "window": WINDOW, "batch": BATCH, "repeats": REPEATS,
+            "quantflow_ppl": ours.perplexity, "quantflow_s": t_ours, "lmeval_ppl": lm_ppl, "lmeval_s": t_lmeval,
+            "relative_difference": abs(ours.perplexity - lm_ppl) / lm_ppl, "speed_ratio": t_lmeval / t_ours}
+
+
+def main() -> None:
+    r = compare()
+    print(f"text: {r['documents']} documents, {r['tokens']} tokens, window {WINDOW}, batch {BATCH}, "
           f"median of {REPEATS} runs")
-    print(f"quantflow perplexity  {ours.perplexity:.6f}   {t_ours:.3f}s")
-    print(f"lm-eval   perplexity  {lm_ppl:.6f}   {t_lmeval:.3f}s   (rolling log-likelihood, hf backend)")
-    print(f"relative difference   {abs(ours.perplexity - lm_ppl) / lm_ppl:.2e}")
-    print(f"speed ratio           {t_lmeval / t_ours:.2f}x  (lm-eval time / quantflow time)")
+    print(f"quantflow perplexity  {r['quantflow_ppl']:.6f}   {r['quantflow_s']:.3f}s")
+    print(f"lm-eval   perplexity  {r['lmeval_ppl']:.6f}   {r['lmeval_s']:.3f}s   (rolling log-likelihood, hf backend)")
+    print(f"relative difference   {r['relative_difference']:.2e}")
+    print(f"speed ratio           {r['speed_ratio']:.2f}x  (lm-eval time / quantflow time)")
 
 
 if __name__ == "__main__":

@@ -105,17 +105,27 @@ def load_tokenizer(manifest: CheckpointManifest):
 
 
 def local_checkpoint(manifest: CheckpointManifest, stage: str) -> Path:
-    """The baseline checkpoint on this machine. A stage on another worker than stage 1
-    resolves it again (hub cache or the same path) and must find the same shard hashes."""
-    path = Path(manifest.local_path)
-    if path.is_dir():
-        return path
+    """The baseline checkpoint on this machine, holding exactly the shards stage 1 verified.
+    A stage on another worker resolves it again (hub cache or the same path). Every shard is
+    checked against stage 1's sha256: through the content-digest memo, a file whose size,
+    mtime, ctime and inode are unchanged costs a stat, and a changed one is read again, so
+    a checkpoint edited on a shared filesystem after stage 1 is noticed, not quantized."""
     from quantflow.checkpoints import resolve_model
-    from quantflow.store import file_sha256
+    from quantflow.content_digest import DigestMemo
 
-    path = resolve_model(manifest.model)
-    found = {name: file_sha256(path / name) for name in manifest.shards}
-    if found != manifest.shards:
+    path = Path(manifest.local_path)
+    if not path.is_dir():
+        path = resolve_model(manifest.model)
+    memo = DigestMemo()
+    missing = [name for name in manifest.shards if not (path / name).is_file()]
+    changed = [name for name, sha in manifest.shards.items()
+               if name not in missing and memo.file_digest(path / name) != sha]
+    memo.save()
+    if missing or changed:
+        what = "; ".join(part for part in (f"changed: {', '.join(changed)}" if changed else "",
+                                           f"missing: {', '.join(missing)}" if missing else "") if part)
         raise StageError(stage, f"the checkpoint at {path} differs from the one stage 1 verified "
-                         f"({manifest.model.id})", "pin model.revision so every worker reads the same files")
+                         f"({what})", "re-run the pipeline so stage 1 verifies and measures the "
+                         "checkpoint as it is now, or restore the original files; on the hub, pin "
+                         "model.revision so every worker reads the same files")
     return path

@@ -80,3 +80,29 @@ def test_unknown_hub_id_offline(quick_validation, tmp_path, monkeypatch):
     with pytest.raises(StageError) as err:
         prepare_checkpoint(ModelSpec(id="no-such-org/no-such-model"), quick_validation, str(tmp_path))
     assert "not in the hub cache" in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+
+
+def test_later_stages_refuse_a_checkpoint_changed_after_stage_one(demo_model, quick_validation, tmp_path):
+    """Stage 1 verified these shards; an edit afterwards, same size, same path, is refused by
+    the stage that would read it, naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    from quantflow.artifacts import local_checkpoint
+
+    model = _copy(demo_model, tmp_path)
+    m = prepare_checkpoint(ModelSpec(id=str(model)), quick_validation, str(tmp_path / "out"))
+    assert local_checkpoint(m, "quantize") == model  # unchanged: accepted
+    shard = model / "model.safetensors"
+    size = shard.stat().st_size
+    tensors = load_file(shard)
+    name = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert shard.stat().st_size == size  # what a size check alone would miss
+    with pytest.raises(StageError) as err:
+        local_checkpoint(m, "quantize")
+    assert err.value.stage == "quantize"
+    assert "changed: model.safetensors" in str(err.value) and str(model) in str(err.value)
+    shard.unlink()
+    with pytest.raises(StageError, match="missing: model.safetensors"):
+        local_checkpoint(m, "validate")

@@ -15,7 +15,8 @@ from quantflow.errors import StageError
 from quantflow.evaluation.suite import evaluate_model
 from quantflow.manifests import CheckpointManifest
 from quantflow.profiling import measure
-from quantflow.store import ArtifactStore, digest_of, file_sha256
+from quantflow.content_digest import DigestMemo
+from quantflow.store import ArtifactStore, digest_of
 from quantflow.tasks.policy import stage_task_options
 from quantflow.versions import tool_versions
 
@@ -65,7 +66,11 @@ def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_ur
         shards = shard_files(path)
         headers = {s.name: read_safetensors_header(s) for s in shards}
         log.info("checkpoint %s: hashing %d shard(s)", path, len(shards))
-        hashes = {s.name: file_sha256(s) for s in shards}
+        # Through the digest memo, so the later stages' check of these shards
+        # (artifacts.local_checkpoint) costs a stat while the files are unchanged.
+        memo = DigestMemo()
+        hashes = {s.name: memo.file_digest(s) for s in shards}
+        memo.save()
         arch = architecture(config, headers, shards)
         if arch["params"] == 0:
             raise StageError(STAGE, f"{path} holds no tensors", "re-download or re-save the checkpoint")
