@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow]
 
 
 # Short loads: CI measures that the numbers exist and flow where they should; long loads
-# are for `make benchmark` and the numbers in docs/validation.md.
+# are for `make benchmark-serving` and the numbers in docs/validation.md.
 PERF = {"enabled": True, "concurrency": [1, 2], "num_prompts": 6, "input_len": 16, "output_len": 8,
         "min_throughput_ratio": 0.01}  # a gate any served model passes: the check is in the verdict
 
