@@ -151,7 +151,7 @@ def child(name: str, *args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def drop_page_cache_of(folder: Path) -> None:
+def warm_page_cache(folder: Path) -> None:
     """Both sides of a ratio read warm files: read everything once first."""
     for f in folder.glob("*.safetensors"):
         with open(f, "rb") as fh:
@@ -178,7 +178,7 @@ def pipeline_config(name: str, model: Path, out: Path, quant: dict) -> dict:
     }
 
 
-def quantflow_cli(work: Path, *args: str) -> tuple[int, float, str]:
+def quantflow_cli(*args: str) -> tuple[int, float, str]:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "quantflow.cli", *args], capture_output=True,
                           text=True, cwd=REPO, env=os.environ)
@@ -188,7 +188,7 @@ def quantflow_cli(work: Path, *args: str) -> tuple[int, float, str]:
 def run_pipeline(work: Path, cfg: dict) -> dict:
     path = work / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    rc, wall, tail = quantflow_cli(work, "run", "--config", str(path), "--no-deploy")
+    rc, wall, tail = quantflow_cli("run", "--config", str(path), "--no-deploy")
     summary_path = Path(cfg["output_dir"]) / "pipeline_summary.json"
     if rc not in (0, 2) or not summary_path.exists():
         raise RuntimeError(f"quantflow run {cfg['name']} exited {rc}:\n{tail}")
@@ -220,7 +220,7 @@ def measure_1b(work: Path, ckpt: Path, results: dict) -> None:
     size = checkpoint_bytes(ckpt)
     out = work / "runs" / "1b"
     rtn = {"method": "rtn", "bits": 4, "group_size": 128}
-    drop_page_cache_of(ckpt)
+    warm_page_cache(ckpt)
 
     log("S1  stage 1 at size: sha256 vs a plain read of the 1B shards")
     plain = child("read", str(ckpt), "plain")
@@ -264,7 +264,7 @@ def measure_gptq(work: Path, ckpt: Path, results: dict) -> None:
     size = checkpoint_bytes(ckpt)
     out = work / "runs" / "1b-2layers"
     gptq = {"method": "gptq", "bits": 4, "group_size": 128}
-    drop_page_cache_of(ckpt)
+    warm_page_cache(ckpt)
     run = run_pipeline(work, pipeline_config("bench-1b-2layers", ckpt, out, gptq))
     direct = child("direct", str(ckpt), gptq, str(out / "calibration_data.pt"), str(work / "direct-gptq"))
     results["P1_gptq"], results["P5_gptq_sequential"] = flow_vs_direct(stage(run, "quantize"), direct, size)
@@ -298,7 +298,7 @@ def measure_demo(work: Path, results: dict) -> None:
     from quantflow.serving.registry import DeploymentRegistry
 
     out = work / "runs" / "demo"
-    rc, wall, tail = quantflow_cli(work, "demo", "--name", "bench-demo", "--output-dir", str(out))
+    rc, wall, tail = quantflow_cli("demo", "--name", "bench-demo", "--output-dir", str(out))
     try:
         if rc != 0:
             raise RuntimeError(f"quantflow demo exited {rc}:\n{tail}")
