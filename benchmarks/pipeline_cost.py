@@ -314,8 +314,8 @@ def measure_demo(work: Path, results: dict) -> None:
 
 
 def measure_gpu(work: Path, tokenizer: Path, results: dict, skip_8b: bool = False) -> None:
-    """--gpu: P1, P3 and P5 on CUDA, with GPU peak memory. The GPU machine has no Prefect
-    (and cannot install it), so P1 there compares quantflow's quantization step
+    """--gpu: P1, P3 and P5 on CUDA, with GPU peak memory. It needs no Prefect (a bare CUDA
+    image with llm-compressor's wheels added runs it), so P1 there compares quantflow's quantization step
     (runner.quantize: what the stage runs, without the task around it) with the direct
     llm-compressor call; the flow's own overhead is the CPU rows' P1."""
     import torch
