@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from quantflow.manifests import CheckpointManifest, QuantizedManifest
+from quantflow.reporting import checks_rows
 
 CARD = "README.md"
 
@@ -57,10 +58,7 @@ def front_matter(quantized: QuantizedManifest, checkpoint: CheckpointManifest,
 
 
 def validation_rows(report: dict) -> list[str]:
-    from quantflow.reporting import checks_rows
-
-    return ["| check | metric | baseline | quantized | Δ% | rule | result |", "|---|---|---|---|---|---|---|",
-            *checks_rows(report["checks"])]
+    return checks_rows(report["checks"])
 
 
 def performance_rows(perf: dict | None) -> list[str]:

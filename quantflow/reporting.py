@@ -46,9 +46,10 @@ def performance_lines(perf: dict, chart_name: str | None) -> list[str]:
 
 
 def checks_rows(checks: list[dict]) -> list[str]:
-    """Markdown rows of the checks table (the report and the model card share it)."""
-    return [f"| {row['check']} | {row['metric']} | {_fmt(row['baseline'])} | {_fmt(row['quantized'])} | "
-            f"{row['delta_pct']:+.2f} | {row['rule']} | {row['result']} |" for row in checks_table(checks)]
+    """The checks table in Markdown, header included (the report and the model card share it)."""
+    return ["| check | metric | baseline | quantized | Δ% | rule | result |", "|---|---|---|---|---|---|---|",
+            *(f"| {row['check']} | {row['metric']} | {_fmt(row['baseline'])} | {_fmt(row['quantized'])} | "
+            f"{row['delta_pct']:+.2f} | {row['rule']} | {row['result']} |" for row in checks_table(checks))]
 
 
 def render_markdown(report: dict, chart_name: str | None, perf_chart: str | None = None) -> str:
@@ -57,9 +58,7 @@ def render_markdown(report: dict, chart_name: str | None, perf_chart: str | None
              f"**Verdict: {verdict}**" + (f" — failed: {', '.join(report['failed_checks'])}"
                                           if report["failed_checks"] else ""), "",
              f"Quantized checkpoint sha256: `{report['checkpoint_sha256']}`", "",
-             "| check | metric | baseline | quantized | Δ% | rule | result |",
-             "|---|---|---|---|---|---|---|"]
-    lines += checks_rows(report["checks"])
+             *checks_rows(report["checks"])]
     gens = report.get("generations")
     if gens:
         lines += ["", "## Greedy generations (baseline vs quantized)", ""]

@@ -11,11 +11,11 @@ from prefect import task
 from quantflow.artifacts import begin_outputs, finish_outputs, save_tokenizer
 from quantflow.checkpoints import read_config, read_safetensors_header, resolve_model, shard_files
 from quantflow.config import CompletionCheck, DeployConfig, ModelSpec, ValidationConfig
+from quantflow.content_digest import DigestMemo
 from quantflow.errors import StageError
 from quantflow.evaluation.suite import evaluate_model
 from quantflow.manifests import CheckpointManifest
 from quantflow.profiling import measure
-from quantflow.content_digest import DigestMemo
 from quantflow.store import ArtifactStore, digest_of
 from quantflow.tasks.policy import stage_task_options
 from quantflow.versions import tool_versions
