@@ -5,7 +5,7 @@ SERVE_VENV := .venv-serve
 QF := $(VENV)/bin/quantflow
 PYTEST_ARGS ?=
 
-.PHONY: setup serve-env demo stop test test-fast up down benchmark benchmark-serving benchmark-platform quality-table clean
+.PHONY: setup serve-env demo stop test test-fast up down benchmark benchmark-serving benchmark-platform benchmark-search quality-table clean
 
 # uv installs the pinned sets in seconds where pip took minutes (measured on this machine
 # kind: the serving set in 15 s with uv, 132 s with pip). torch's CPU build is the local
@@ -68,6 +68,11 @@ benchmark-serving: setup
 benchmark-platform: setup
 	$(VENV)/bin/python -m quantflow.demo
 	$(VENV)/bin/python benchmarks/platform_load.py
+
+# An N-candidate `quantflow search` vs N separate `quantflow run`s (docs/search.md).
+benchmark-search: setup
+	$(VENV)/bin/python -m quantflow.demo
+	$(VENV)/bin/python benchmarks/search_cost.py
 
 quality-table: setup
 	$(VENV)/bin/python -m quantflow.demo

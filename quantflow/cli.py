@@ -6,9 +6,12 @@
     quantflow submit ...    the same, as a run of the quantize-pipeline deployment (make up)
     quantflow stop          stop what the demo started (vLLM servers, exporter, Prefect server)
     quantflow doctor        which quantization schemes this host's vLLM serves, and why not
+    quantflow search --config FILE [--mode ladder|sweep] [--no-deploy]
+                            try candidate schemes; deploy the smallest that passes
 
-Exit codes of `run`/`demo`: 0 completed (deployed unless --no-deploy), 2 the quality gate
-rejected the model (nothing deployed), 1 any other failure.
+Exit codes of `run`/`demo`/`search`: 0 completed (deployed unless --no-deploy), 2 the
+quality gate rejected the model, or every search candidate (nothing deployed), 1 any other
+failure.
 """
 
 from __future__ import annotations
@@ -50,19 +53,26 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "INFO" if verbose else "ERROR")
 
 
-def run_pipeline(config, show_completion: bool = True, note: str | None = None) -> int:
-    from quantflow.flows.pipeline import quantize_pipeline
+def run_pipeline(config, show_completion: bool = True, note: str | None = None, flow_fn=None) -> int:
+    """Run the pipeline flow (or `flow_fn`, e.g. the search flow) and map its outcome to the
+    exit code."""
     from quantflow.prefect_server import prefect_api, ui_url
     from quantflow.store import ArtifactStore
 
+    if flow_fn is None:
+        from quantflow.flows.pipeline import quantize_pipeline as flow_fn
     with prefect_api() as api_url:
         print(f"Prefect UI: {ui_url(api_url)}", flush=True)
-        state = quantize_pipeline(config=config, return_state=True)
+        state = flow_fn(config=config, return_state=True)
     store = ArtifactStore(config.output_uri)
     summary = store.read_json("pipeline_summary.json") if store.exists("pipeline_summary.json") else {}
     if note and summary:
         summary["scheme_choice"] = note
         store.write_json("pipeline_summary.json", summary)
+    if flow_fn.name == "quantize-search" and store.exists("search_report.json"):
+        from quantflow.search_report import print_search_table
+
+        print_search_table(store.read_json("search_report.json"), store.uri("search_report.md"))
     _print_summary(summary, state)
     if state.is_completed():
         if show_completion and summary.get("endpoint") and config.deploy.backend == "local":
@@ -85,10 +95,12 @@ def _print_summary(summary: dict, state) -> None:
     if not summary:
         return
     print("\n=== quantflow:", summary.get("name"), "—", summary.get("method"), "===")
-    for stage, rec in summary.get("stages", {}).items():
+    stages = summary.get("stages", {})
+    width = max([12, *map(len, stages)])  # a search names its stages candidate:stage
+    for stage, rec in stages.items():
         hit = "cached" if rec["cache_hit"] else "ran"
         mem = f", peak RSS {rec['peak_rss_mib']:.0f} MiB" if rec.get("peak_rss_mib") else ""
-        print(f"  {stage:<12} {hit:<7} {rec['wall_s']:8.2f}s{mem}")
+        print(f"  {stage:<{width}} {hit:<7} {rec['wall_s']:8.2f}s{mem}")
     ppl = summary.get("perplexity")
     if ppl:
         print(f"  perplexity   baseline {ppl['baseline']:.4f} -> quantized {ppl['quantized']:.4f} "
@@ -134,6 +146,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, _overrides(args))
     return run_pipeline(config)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from quantflow.config.search import load_search_config
+    from quantflow.flows.search import quantize_search
+
+    overrides = {"model.id": args.model, "output_dir": args.output_dir, "name": args.name,
+                 "deploy.enabled": False if args.no_deploy else None, "search.mode": args.mode,
+                 "search.objective": args.objective, "search.concurrency": args.concurrency,
+                 "validation.lm_eval.limit": args.limit}
+    config = load_search_config(args.config, overrides)
+    return run_pipeline(config, flow_fn=quantize_search)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -282,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--wait", action="store_true", help="wait for the run and exit with its outcome")
             p.add_argument("--timeout", type=float, default=48 * 3600, help="seconds --wait waits")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("search", help="try candidate schemes against the gate; deploy the one chosen")
+    p.add_argument("--config", required=True, help="pipeline YAML with a search: section (configs/demo-search.yaml)")
+    p.add_argument("--model", help="hub id or local checkpoint folder")
+    p.add_argument("--mode", choices=["ladder", "sweep"], help="ladder: first that passes; sweep: all, Pareto front")
+    p.add_argument("--objective", choices=["smallest", "fastest"])
+    p.add_argument("--concurrency", type=int, help="candidates quantized + validated at once")
+    p.add_argument("--name", help="run name (output folder, served model name)")
+    p.add_argument("--output-dir", help="local folder or s3://bucket/prefix")
+    p.add_argument("--no-deploy", action="store_true", help="choose, but do not deploy")
+    p.add_argument("--limit", type=float, help="lm-eval: examples per task (or fraction < 1) for quick runs")
+    p.set_defaults(fn=cmd_search)
     p = sub.add_parser("stop", help="stop servers the demo started")
     p.add_argument("--keep-prefect", action="store_true", help="leave the Prefect server running")
     p.set_defaults(fn=cmd_stop)

@@ -72,6 +72,17 @@ def render_markdown(report: dict, chart_name: str | None, perf_chart: str | None
     return "\n".join(lines) + "\n"
 
 
+def png_bytes(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def render_chart(checks: list[dict]) -> bytes:
     import matplotlib
 
@@ -86,11 +97,7 @@ def render_chart(checks: list[dict]) -> bytes:
         ax.set_title(c["check"].replace("lm_eval:", ""), fontsize=9)
         ax.set_ylabel(c["metric"], fontsize=8)
         ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def render_performance_chart(perf: dict) -> bytes:
@@ -113,8 +120,4 @@ def render_performance_chart(perf: dict) -> bytes:
         ax.set_ylabel(label, fontsize=8)
         ax.tick_params(labelsize=8)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

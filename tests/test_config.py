@@ -86,3 +86,31 @@ def test_method_specific_requirements():
         QuantConfig(method="recipe")
     with pytest.raises(ValueError, match="quant.checkpoint is required"):
         QuantConfig(method="prequantized")
+
+
+@pytest.mark.parametrize("search, message", [
+    ({"objective": "fastest"}, "search.objective 'fastest' needs measured serving speed"),
+    ({"candidates": [{"method": "fp8", "keep_sensitive": True}]}, "keep_sensitive applies to integer-weight"),
+    ({"candidates": [{"method": "w8a8"}, {"method": "w8a8"}]}, "search.candidates.1 repeats candidate 0"),
+    ({"candidates": []}, "search.candidates: List should have at least 1 item"),
+    ({"mode": "bisect"}, "search.mode: Input should be 'ladder' or 'sweep'"),
+])
+def test_bad_search_config_names_the_field(tmp_path, search, message):
+    import yaml
+
+    from quantflow.config.search import load_search_config
+
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({"model": {"id": "m"}, "search": search}))
+    with pytest.raises(ConfigError) as err:
+        load_search_config(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_search_names_repeated_schemes_apart():
+    from quantflow.config.search import SearchSpec
+
+    spec = SearchSpec(candidates=[{"method": "w8a8"}, {"method": "w8a8", "smoothing_strength": 0.5},
+                                  {"method": "gptq", "keep_sensitive": True}])
+    assert [n for n, _ in spec.named()] == ["w8a8", "w8a8-2", "gptq-w4a16-g128-keep-sensitive"]
+    assert spec.candidates[2].quant() == QuantConfig(method="gptq")  # keep_sensitive is the search's

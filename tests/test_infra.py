@@ -114,7 +114,7 @@ def test_recovery_automation_reschedules_only_crashed_quantflow_runs():
     assert auto.trigger.expect == {"prefect.flow-run.Crashed"}
     assert auto.trigger.match.root["prefect.run-count"] == ["0", "1", "2"]  # bounded: no endless loop
     assert set(auto.trigger.match_related.root["prefect.resource.name"]) == {
-        "quantize-pipeline", "requantize", "quantflow-stage"}
+        "quantize-pipeline", "quantize-search", "requantize", "quantflow-stage"}
     (action,) = auto.actions
     assert isinstance(action, ChangeFlowRunState) and action.state.value == "SCHEDULED" and action.force
 

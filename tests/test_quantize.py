@@ -139,9 +139,19 @@ def test_cuda_requested_without_gpu_is_refused_before_loading(stage_inputs, tmp_
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))
 def test_every_shipped_config_validates(path):
-    from quantflow.config import load_config
+    import yaml
 
-    cfg = load_config(path)
+    from quantflow.config import load_config
+    from quantflow.config.search import load_search_config
+    from quantflow.errors import ConfigError
+
+    if "search" in yaml.safe_load(Path(path).read_text()):
+        cfg = load_search_config(path)
+        assert [n for n, _ in cfg.search.named()]
+        with pytest.raises(ConfigError, match="quantflow search --config"):
+            load_config(path)  # `quantflow run` with a search config says what to run instead
+    else:
+        cfg = load_config(path)
     assert cfg.quant.label
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from quantflow.config import CompletionCheck, QuantConfig
-from quantflow.serving.health import answer_matches, expectation, golden_answer
+from quantflow.serving.health import answer_matches, expectation, golden_answer, golden_answers
 from quantflow.serving.schemes import Scheme, catalog, scheme_for
 
 
@@ -70,3 +70,16 @@ def test_answers_are_compared_with_the_baselines_first_word():
     # A curated expectation wins over the golden answer.
     assert answer_matches("function objects", "function", ref)
     assert not answer_matches('"except"', "function", ref)
+
+
+def test_the_validated_models_own_answer_is_accepted_too():
+    """Validation records the quantized model's greedy answers; a served answer may start
+    like the baseline's or like the validated model's, and like nothing else."""
+    both = [*GOLDEN, {"prompt": "evaluated when the", "max_tokens": 4, "answer": " function objects",
+                      "source": "quantized"}]
+    check = CompletionCheck(prompt="evaluated when the", max_tokens=4)
+    refs = golden_answers(both, check)
+    assert refs == ['\n   "except"', " function objects"] and golden_answer(both, check) == refs[0]
+    assert answer_matches(' "except" and', None, refs) and answer_matches("function calls", None, refs)
+    assert not answer_matches("the class", None, refs) and not answer_matches("", None, refs)
+    assert "'function'" in expectation(check, both) and "'\"except\"'" in expectation(check, both)

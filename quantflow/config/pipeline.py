@@ -88,22 +88,30 @@ def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None,
         raise ConfigError(source, format_validation_error(err)) from None
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in `path`, or a ConfigError naming the file and what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(p), ["file not found: pass an existing YAML file to --config"])
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(str(p), [f"not valid YAML: {err}"]) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(str(p), ["the top level must be a mapping of sections"])
+    return loaded
+
+
 def load_config(path: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Read a YAML config (optional) and apply dotted overrides like {"quant.bits": 3}."""
     data: dict[str, Any] = {}
     source = "command line"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(str(p), ["file not found: pass an existing YAML file to --config"])
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(str(p), [f"not valid YAML: {err}"]) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(str(p), ["the top level must be a mapping of sections"])
-        data, source = loaded, str(p)
+        data, source = read_config_file(path), str(path)
+        if "search" in data:
+            raise ConfigError(source, ["search: this file configures a search over candidates; run "
+                                       f"`quantflow search --config {path}`, or remove the search section"])
     if "model" not in data and not (overrides or {}).get("model.id"):
         raise ConfigError(source, ["model.id: required (pass --model <hub id or path>)"])
     return build_config(data, overrides, source)

@@ -101,14 +101,20 @@ def check_servable_early(config: PipelineConfig) -> None:
         ensure_servable(scheme, config.deploy, "deploy", f"quant ({config.quant.label})")
 
 
+def serving_inputs(config: PipelineConfig) -> tuple[Any, Any]:
+    """The deploy target stages 1 and 4 serve on: lm-eval's local-completions backend needs
+    a server; validate also serves when it measures serving performance on the target."""
+    lm_eval_serving = (config.deploy if config.validation.lm_eval.enabled
+                       and config.validation.lm_eval.backend == "local-completions" else None)
+    validate_serving = config.deploy if config.validation.performance.enabled else lm_eval_serving
+    return lm_eval_serving, validate_serving
+
+
 def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
     check_servable_early(config)
     out = config.output_uri
     pools = config.placement.pools
-    lm_eval_serving = (config.deploy if config.validation.lm_eval.enabled
-                       and config.validation.lm_eval.backend == "local-completions" else None)
-    # Validate serves models too when it measures serving performance on the deploy target.
-    validate_serving = config.deploy if config.validation.performance.enabled else lm_eval_serving
+    lm_eval_serving, validate_serving = serving_inputs(config)
     common = {"output_uri": out, "timeout_s": config.placement.stage_timeout_s}
 
     ckpt, rec = run_cached_stage("checkpoint", pool=pools.get("checkpoint"), model=config.model,
@@ -129,13 +135,20 @@ def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
     summary.add(rec)
     report = read_json_uri(verdict.report_uri)
     publish_report(config, report)
-    metrics = {"perplexity": _perplexity(report), "size": report["size"],
+    metrics = {"perplexity": perplexity_of(report), "size": report["size"],
                "report": verdict.report_uri}
 
     if not verdict.overall_pass:
         summary.write("rejected", verdict="fail", **metrics)
         return Failed(name=GATE_STATE, message=f"quality gate rejected {quant.label}: {verdict.summary}",
                       data={"report": verdict.report_uri, "failed_checks": verdict.failed_checks})
+    return release(config, summary, ckpt, quant, verdict, report, metrics)
+
+
+def release(config: PipelineConfig, summary: Summary, ckpt: Any, quant: Any, verdict: Any,
+            report: dict, metrics: dict[str, Any]) -> Any:
+    """After a passing verdict: approval (if required), deploy, first monitoring round.
+    Shared by the pipeline and the search flow, so a searched model is released the same way."""
     if config.validation.require_approval and config.deploy.enabled:
         decision = wait_for_approval(render_markdown(report, None), config.validation.approval_timeout_s)
         if not decision.approve:
@@ -147,7 +160,7 @@ def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
         return Completed(message=f"{quant.label} passed validation (deploy disabled)", data=result)
 
     deployment, rec = _timed("deploy", deploy_task, deploy=config.deploy, quantized=quant,
-                             validation=verdict, output_uri=out, name=config.name,
+                             validation=verdict, output_uri=config.output_uri, name=config.name,
                              monitor=config.monitor, golden=ckpt.golden)
     summary.add(rec)
     extra: dict[str, Any] = {"endpoint": deployment.get("base_url"),
@@ -160,8 +173,7 @@ def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
     result = summary.write("deployed", verdict="pass", **metrics, **extra)
     return Completed(message=f"{quant.label} deployed at {extra['endpoint']}", data=result)
 
-
-def _perplexity(report: dict) -> dict | None:
+def perplexity_of(report: dict) -> dict | None:
     for c in report["checks"]:
         if c["check"] == "perplexity":
             return {"baseline": c["baseline"], "quantized": c["quantized"], "delta_pct": c["delta_pct"]}

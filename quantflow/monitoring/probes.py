@@ -11,24 +11,25 @@ import httpx
 from quantflow.config import CompletionCheck
 from quantflow.manifests import now
 from quantflow.monitoring.state import MonitorState
-from quantflow.serving.health import CompletionsClient, answer_matches, golden_answer
+from quantflow.serving.health import CompletionsClient, answer_matches, golden_answers
 
 
 def run_probes(client: CompletionsClient, probes: list[CompletionCheck],
                state: MonitorState, golden: list[dict] | None = None) -> list[dict[str, Any]]:
     """One request per probe; score 1 when the answer contains the expected text, or starts
-    like the baseline's golden answer when the probe names none."""
+    like a recorded golden answer (the baseline's or the validated model's) when the probe
+    names none."""
     results = []
     for probe in probes:
-        reference = golden_answer(golden, probe)
+        references = golden_answers(golden, probe)
         entry: dict[str, Any] = {"time": now(), "prompt": probe.prompt, "expected": probe.expected,
-                                 "golden": reference}
+                                 "golden": references[0] if references else None}
         try:
             done = client.complete(probe.prompt, probe.max_tokens)
         except httpx.HTTPError as err:
             entry.update(score=0.0, error=f"{type(err).__name__}: {err}"[:300])
         else:
-            entry.update(score=1.0 if answer_matches(done.text, probe.expected, reference) else 0.0,
+            entry.update(score=1.0 if answer_matches(done.text, probe.expected, references) else 0.0,
                          answer=done.text, latency_s=round(done.latency_s, 4),
                          completion_tokens=done.completion_tokens)
             state.observe_latency("probe", done.latency_s)

@@ -36,7 +36,7 @@ def main() -> None:
           f"{topo.get('broker', 'memory')}")
     print(f"work pools:  {', '.join(POOLS)} ({args.workers} process worker(s) on cpu, one on each GPU pool; "
           "logs in .quantflow/workers/)")
-    print("deployments: quantize-pipeline/quantize-pipeline, requantize/requantize, "
+    print("deployments: quantize-pipeline/quantize-pipeline, quantize-search/quantize-search, requantize/requantize, "
           "quality-monitor/quality-monitor, quantflow-stage/gpu-a100, quantflow-stage/gpu-h100")
     print("start a run: quantflow submit --config configs/demo.yaml   (make down stops it all)")
 

@@ -60,32 +60,41 @@ def first_word(text: str) -> str:
     return words[0].lower() if words else ""
 
 
-def answer_matches(text: str, expected: str | None, golden: str | None = None) -> bool:
+def answer_matches(text: str, expected: str | None, golden: str | list[str] | None = None) -> bool:
     """A curated `expected` text must appear in the answer. Otherwise the answer must start
-    like the baseline's own greedy answer (`golden`): same first word. The first word, not
-    the whole text: a sound quantized model may drift a few tokens later, a broken one
-    does not get the first word right."""
+    like a recorded greedy answer (`golden`): the baseline's, or the validated quantized
+    model's own; same first word. The first word, not the whole text: a sound quantized
+    model may drift a few tokens later, a broken one does not get the first word right."""
     if expected is not None:
         return expected.lower() in text.lower()
-    if golden is not None and first_word(golden):
-        return first_word(text) == first_word(golden)
+    references = [golden] if isinstance(golden, str) else list(golden or [])
+    words = {first_word(g) for g in references} - {""}
+    if words:
+        return first_word(text) in words
     return bool(text.strip())
+
+
+def golden_answers(golden: list[dict] | None, check: CompletionCheck) -> list[str]:
+    """Every recorded answer for this prompt and length: the baseline's (stage 1) first,
+    then the quantized model's as validation generated it, when recorded."""
+    return [g["answer"] for g in golden or []
+            if g.get("prompt") == check.prompt and g.get("max_tokens") == check.max_tokens
+            and g.get("answer") is not None]
 
 
 def golden_answer(golden: list[dict] | None, check: CompletionCheck) -> str | None:
     """The baseline's answer recorded for this prompt and length, if there is one."""
-    for g in golden or []:
-        if g.get("prompt") == check.prompt and g.get("max_tokens") == check.max_tokens:
-            return g.get("answer")
-    return None
+    answers = golden_answers(golden, check)
+    return answers[0] if answers else None
 
 
 def expectation(check: CompletionCheck, golden: list[dict] | None) -> str:
     if check.expected is not None:
         return f"expected it to contain {check.expected!r}"
-    answer = golden_answer(golden, check)
-    if answer is not None:
-        return f"expected it to start with the baseline's first word {first_word(answer)!r} ({answer!r})"
+    answers = golden_answers(golden, check)
+    if answers:
+        words = " or ".join(f"{first_word(a)!r} ({a!r})" for a in answers)
+        return f"expected it to start with the first word of a recorded answer: {words}"
     return "expected a non-empty answer (no golden answer recorded for this prompt)"
 
 
@@ -105,8 +114,9 @@ def check_endpoint(client: CompletionsClient, check: CompletionCheck,
                                 f"{err.response.text[:200]}") from None
     except httpx.HTTPError as err:
         raise HealthCheckFailed(f"request to {client.base_url} failed: {err}") from None
-    reference = golden_answer(golden, check)
-    if not answer_matches(done.text, check.expected, reference):
+    references = golden_answers(golden, check)
+    reference = references[0] if references else None
+    if not answer_matches(done.text, check.expected, references):
         raise HealthCheckFailed(f"completion of {check.prompt!r} was {done.text!r}; "
                                 f"{expectation(check, golden)}")
     return {"health": status, "models": models, "prompt": check.prompt,

@@ -80,7 +80,8 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                  validation: ValidationManifest | None, output_uri: str, name: str,
                  monitor: MonitorConfig | None = None, golden: list[dict] | None = None) -> dict:
     """`golden`: the baseline's answers to the health and probe prompts (stage 1); the
-    health check and monitoring compare the served model with them."""
+    health check and monitoring compare the served model with them and with the quantized
+    model's own answers that validation recorded in its report."""
     store = ArtifactStore(output_uri)
     if deploy.backend == "kubernetes":
         from quantflow.serving.kubernetes import deploy_to_cluster
@@ -93,6 +94,8 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
         return record
     local, on_disk = fetch_quantized(quantized, STAGE)  # every file's sha256 re-checked
     report = verify_release(quantized, validation, served_sha256=on_disk)
+    # The baseline's answers, then the validated model's own (in the report, bound by sha256).
+    golden = [*(golden or []), *report.get("golden", [])]
     python = serving_python(deploy.serving_python)
     info = describe(python)
     device = preflight(deploy, quantized, info, local)

@@ -10,7 +10,7 @@ from prefect import task
 
 from quantflow.artifacts import (begin_outputs, fetch_quantized, finish_outputs, local_checkpoint,
                                  read_json_uri, split_uri)
-from quantflow.config import DeployConfig, ValidationConfig
+from quantflow.config import CompletionCheck, DeployConfig, ValidationConfig
 from quantflow.errors import StageError
 from quantflow.evaluation.compare import compare
 from quantflow.evaluation.consistency import mean_kl
@@ -48,8 +48,14 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
             raise StageError(STAGE, "the baseline was measured with different validation settings",
                              "re-run the pipeline so stage 1 re-measures the baseline")
         local, _ = fetch_quantized(quantized, STAGE)
+        # The quantized model's own greedy answers to the health and probe prompts: a served
+        # answer that starts like them shows the serving stack runs the validated model, even
+        # where quantization changed the first word the baseline gave (and the gate allowed it).
+        prompts = [CompletionCheck(prompt=g["prompt"], max_tokens=g["max_tokens"])
+                   for g in checkpoint.golden if g.get("answer") is not None]
         candidate = evaluate_model(local, validation, store, "quantized", STAGE, serving,
-                                   trust_remote_code=checkpoint.model.trust_remote_code)
+                                   trust_remote_code=checkpoint.model.trust_remote_code,
+                                   golden_prompts=prompts or None)
         kl = None
         if validation.consistency.enabled and checkpoint.logprobs_uri:
             kl = mean_kl(load_logprobs(checkpoint.logprobs_uri),
@@ -78,6 +84,8 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
         }
         if performance is not None:
             report["performance"] = performance
+        if candidate.get("golden"):
+            report["golden"] = [{**g, "source": "quantized"} for g in candidate["golden"]]
         if validation.consistency.enabled:
             report["generations"] = {"prompts": validation.consistency.prompts,
                                      "baseline": baseline_doc["metrics"]["generations"]["texts"],

@@ -1,0 +1,107 @@
+"""`quantflow search`: a pipeline config plus the candidates to try and how to choose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from quantflow.config.base import StrictModel
+from quantflow.config.pipeline import PipelineConfig, _set_dotted, format_validation_error, read_config_file
+from quantflow.config.quant import ALLOWED_BITS, QuantConfig
+from quantflow.errors import ConfigError
+
+
+class Candidate(QuantConfig):
+    """One `quant:` block to try, plus whether to keep the most sensitive decoder layers in
+    full precision (integer-weight methods only)."""
+
+    # Keep the fewest decoder layers, most sensitive first (sensitivity.json), that make
+    # this scheme pass the gate: 1 layer, then 2, … up to max_kept_layers.
+    keep_sensitive: bool = False
+    # None = all but one decoder layer.
+    max_kept_layers: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_keep(self) -> "Candidate":
+        if self.keep_sensitive and self.method not in ALLOWED_BITS:
+            raise ValueError(f"keep_sensitive applies to integer-weight methods "
+                             f"({', '.join(ALLOWED_BITS)}), not {self.method!r}")
+        if self.max_kept_layers is not None and not self.keep_sensitive:
+            raise ValueError("max_kept_layers applies only with keep_sensitive: true")
+        if self.method == "prequantized":
+            raise ValueError("method 'prequantized' is one fixed checkpoint, not a candidate to "
+                             "search: validate it with `quantflow run`")
+        return self
+
+    def quant(self) -> QuantConfig:
+        return QuantConfig.model_validate(self.model_dump(exclude={"keep_sensitive", "max_kept_layers"},
+                                                          exclude_defaults=True))
+
+    @property
+    def name(self) -> str:
+        return self.label + ("-keep-sensitive" if self.keep_sensitive else "")
+
+
+def default_candidates() -> list[Candidate]:
+    """Most to least aggressive: the usual remediation list, in the order a person works it."""
+    return [Candidate(method="gptq", bits=4, group_size=128),
+            Candidate(method="awq", bits=4, group_size=128),
+            Candidate(method="gptq", bits=4, group_size=64),
+            Candidate(method="gptq", bits=4, group_size=128, keep_sensitive=True),
+            Candidate(method="w8a8"),
+            Candidate(method="fp8", fp8_scheme="dynamic"),
+            Candidate(method="rtn", bits=8, group_size=-1)]
+
+
+class SearchSpec(StrictModel):
+    # smallest: fewest bytes among passing candidates; fastest: highest measured serving
+    # throughput (needs validation.performance.enabled).
+    objective: Literal["smallest", "fastest"] = "smallest"
+    # ladder: stop at the first candidate (in list order) that passes; sweep: run them all
+    # and report the Pareto front of quality against size (and speed when measured).
+    mode: Literal["ladder", "sweep"] = "ladder"
+    candidates: list[Candidate] = Field(default_factory=default_candidates, min_length=1)
+    # Candidates quantized + validated at once (mapped Prefect tasks; each holds a pool slot
+    # when placement.pools sends its stages to GPU pools). A ladder runs in waves this wide.
+    concurrency: int = Field(default=1, ge=1, le=64)
+    # Calibration samples used to measure each layer's sensitivity (a forward pass per layer).
+    sensitivity_samples: int = Field(default=16, ge=1)
+
+    def named(self) -> list[tuple[str, Candidate]]:
+        """Candidates with unique display names: a scheme listed twice with different
+        settings (e.g. two smoothing strengths) becomes w8a8 and w8a8-2."""
+        seen: dict[str, int] = {}
+        out = []
+        for c in self.candidates:
+            seen[c.name] = seen.get(c.name, 0) + 1
+            out.append((c.name if seen[c.name] == 1 else f"{c.name}-{seen[c.name]}", c))
+        return out
+
+
+class SearchConfig(PipelineConfig):
+    search: SearchSpec = SearchSpec()
+
+    @model_validator(mode="after")
+    def _search_rules(self) -> "SearchConfig":
+        if self.search.objective == "fastest" and not self.validation.performance.enabled:
+            raise ValueError("search.objective 'fastest' needs measured serving speed: set "
+                             "validation.performance.enabled: true, or use objective 'smallest'")
+        dumps = [c.model_dump_json() for c in self.search.candidates]
+        for i, d in enumerate(dumps):
+            if d in dumps[:i]:
+                raise ValueError(f"search.candidates.{i} repeats candidate {dumps.index(d)} "
+                                 f"({self.search.candidates[i].name}): remove the duplicate")
+        return self
+
+
+def load_search_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
+    data = read_config_file(path)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(str(path), format_validation_error(err)) from None
