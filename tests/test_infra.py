@@ -101,8 +101,20 @@ def test_automations_match_prefect_schema():
 
     autos = load_automations(REPO / "infra/automations/quantflow-alerts.yaml", str(uuid.uuid4()))
     assert {a.name for a in autos} == {"quantflow-quality-regression", "quantflow-latency-regression",
-                                       "quantflow-gate-rejected"}
+                                       "quantflow-endpoint-unreachable", "quantflow-gate-rejected"}
     assert all(isinstance(a, AutomationCore) for a in autos)
+
+
+def test_every_alert_the_monitor_raises_has_an_automation():
+    """Each alert kind in quantflow/monitoring reaches a shipped automation (by event name)."""
+    from quantflow.platform.automations import load_automations
+
+    source = "".join(p.read_text() for p in (REPO / "quantflow/monitoring").glob("*.py"))
+    kinds = set(re.findall(r'raise_alert\(\s*state,\s*"(\w+)"', source))
+    assert {"quality_regression", "latency_regression", "endpoint_unreachable"} <= kinds
+    autos = load_automations(REPO / "infra/automations/quantflow-alerts.yaml", str(uuid.uuid4()))
+    expected = {e for a in autos for e in a.trigger.expect}
+    assert {f"quantflow.monitor.{k}" for k in kinds} <= expected, sorted(kinds)
 
 
 def test_recovery_automation_reschedules_only_crashed_quantflow_runs():

@@ -346,26 +346,30 @@ def test_gpu_job_templates_are_accepted_by_the_server(platform):
                 == "{{ node_selector }}"
 
 
-def test_alert_event_triggers_the_shipped_automation(platform, webhook):
-    """infra/automations: a quality-regression event reaches the notification webhook."""
+def test_alert_events_trigger_the_shipped_automations(platform, webhook):
+    """infra/automations: a quality-regression and an endpoint-unreachable event each reach
+    the notification webhook."""
     from datetime import datetime, timezone
 
-    assert "quantflow-quality-regression" in platform["automations"]
+    assert {"quantflow-quality-regression", "quantflow-endpoint-unreachable"} <= set(platform["automations"])
     assert "quantflow-retry-crashed-runs" in platform["automations"]  # installed with or without alerts
-    # The event a monitor emits, sent the way any other service can send one.
-    event = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
-             "event": "quantflow.monitor.quality_regression",
-             "resource": {"prefect.resource.id": "quantflow.deployment.smoke",
-                          "prefect.resource.name": "smoke", "quantflow.quantization": "gptq"},
-             "payload": {"message": "mean quality 0.20 < 0.8", "severity": "critical"}}
     api = PrefectREST(platform["api_url"], AUTH)
-    assert api.request("POST", "events", json=[event]).status_code == 204
+    # The events a monitor emits, sent the way any other service can send one.
+    for kind, message in (("quality_regression", "mean quality 0.20 < 0.8"),
+                          ("endpoint_unreachable", "probe got no answer: ConnectError")):
+        event = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
+                 "event": f"quantflow.monitor.{kind}",
+                 "resource": {"prefect.resource.id": "quantflow.deployment.smoke",
+                              "prefect.resource.name": "smoke", "quantflow.quantization": "gptq"},
+                 "payload": {"message": message, "severity": "critical"}}
+        assert api.request("POST", "events", json=[event]).status_code == 204
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not webhook.received:
+    while time.monotonic() < deadline and len(webhook.received) < 2:
         time.sleep(1)
-    assert webhook.received, "no notification reached the webhook"
-    note = webhook.received[0]
-    assert "quality regression on smoke" in note["subject"] and "0.20 < 0.8" in note["body"]
+    notes = {n["subject"]: n["body"] for n in webhook.received}
+    assert "quantflow: quality regression on smoke" in notes, notes
+    assert "0.20 < 0.8" in notes["quantflow: quality regression on smoke"]
+    assert notes.get("quantflow: endpoint unreachable for smoke") == "probe got no answer: ConnectError", notes
 
 
 def test_requantize_runs_never_overlap(platform):
