@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow
+from prefect.task_engine import TaskRunTimeoutError
 from prefect.runtime import flow_run
 from prefect.states import State
 from pydantic import BaseModel
 
 from quantflow.manifests import (CalibrationManifest, CheckpointManifest, Manifest, QuantizedManifest,
                                  ValidationManifest)
+from quantflow.errors import StageError
 from quantflow.profiling import measure
 from quantflow.artifacts import marker, outputs_match
 from quantflow.store import ArtifactStore
@@ -70,28 +72,39 @@ def run_cached_stage(name: str, output_uri: str, pool: str | None = None,
         record.extra = {"flow_run_id": payload["flow_run_id"], "work_pool": payload["work_pool"]}
         return manifest_type.model_validate(payload["manifest"]), record
     with measure() as usage:
-        manifest, hit, state_name = run_stage_task(name, output_uri, False, kwargs)
+        manifest, hit, state_name = run_stage_task(name, output_uri, False, kwargs, timeout_s)
     record.wall_s, record.peak_rss_mib = usage.wall_s, usage.peak_rss_mib
     record.cache_hit, record.state = hit, state_name
     return manifest, record
 
 
-def run_stage_task(name: str, output_uri: str, refresh: bool,
-                   kwargs: dict[str, Any]) -> tuple[Manifest, bool, str]:
+def run_stage_task(name: str, output_uri: str, refresh: bool, kwargs: dict[str, Any],
+                   timeout_s: float | None = None) -> tuple[Manifest, bool, str]:
     """Call the stage's task; a cache hit whose files were since deleted or overwritten is
     recomputed. The check comes after the task, not before: a run that waited on another
-    run's stage lock must see the files that run wrote (the task records them itself)."""
+    run's stage lock must see the files that run wrote (the task records them itself).
+    `timeout_s` (placement.stage_timeout_s) stops the stage in this process; it is not retried."""
     task_fn, _, outputs = CACHED_STAGES[name]
     store = ArtifactStore(output_uri)
+    task_fn = task_fn.with_options(timeout_seconds=timeout_s) if timeout_s else task_fn
     t = task_fn.with_options(refresh_cache=True) if refresh else task_fn
     state: State = t(output_uri=output_uri, return_state=True, **kwargs)
-    manifest = state.result()  # raises the stage's exception when it failed
+    manifest = _result(state, name, timeout_s)  # raises the stage's exception when it failed
     hit = state.name == "Cached"
     if hit and (_missing_outputs(store, name, outputs) or not outputs_match(store, name, manifest)):
         log.info("%s: cached result no longer matches the files in %s; recomputing", name, output_uri)
         state = task_fn.with_options(refresh_cache=True)(output_uri=output_uri, return_state=True, **kwargs)
-        manifest, hit = state.result(), False
+        manifest, hit = _result(state, name, timeout_s), False
     return manifest, hit, state.name
+
+
+def _result(state: State, stage: str, timeout_s: float | None) -> Manifest:
+    try:
+        return state.result()
+    except TaskRunTimeoutError:
+        raise StageError(stage, f"ran longer than placement.stage_timeout_s={timeout_s:g}s and was "
+                         "stopped (not retried)", "raise placement.stage_timeout_s, or send the "
+                         "stage to a faster work pool (placement.pools)") from None
 
 
 def jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 from prefect.cache_policies import CachePolicy
+from prefect.task_engine import TaskRunTimeoutError
 from pydantic import BaseModel
 
 import quantflow
@@ -119,6 +120,8 @@ class StageCache(CachePolicy):
 def is_transient(exc: BaseException | None) -> bool:
     if isinstance(exc, TransientError):
         return True
+    if isinstance(exc, TaskRunTimeoutError):
+        return False  # placement.stage_timeout_s: a stage that ran out of time would again
     if isinstance(exc, QuantflowError):
         return False  # configuration, integrity and gate errors do not heal by retrying
     if isinstance(exc, (ConnectionError, TimeoutError, httpx.TransportError)):
