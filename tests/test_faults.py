@@ -37,3 +37,43 @@ def test_stage_timeout_stops_the_stage_once_and_names_the_setting(prefect_server
     assert again.is_completed(), again.message
     summary = json.loads((out / "pipeline_summary.json").read_text())
     assert summary["cache_hits"] == [] and summary["verdict"] == "pass"
+
+
+def test_validate_refuses_a_baseline_changed_after_stage_one(tmp_path, demo_dir):
+    """The verdict compares against stage 1's numbers: baseline_logprobs.pt (its sha256 is
+    in baseline_metrics.json) or baseline_metrics.json (its digest is in the checkpoint
+    manifest) edited after stage 1 is refused, naming the file; no report is written."""
+    import torch
+
+    from conftest import make_config
+    from quantflow.config import QuantConfig
+    from quantflow.flows.pipeline import golden_prompts
+    from quantflow.tasks.checkpoint import prepare_checkpoint
+    from quantflow.tasks.quantize import quantize_model
+    from quantflow.tasks.validate import validate_model
+
+    out = tmp_path / "tamper"
+    cfg = make_config(out, "tamper", validation={
+        "perplexity": {"source": {"dataset": ".cache/demo/data/heldout.jsonl"}, "window": 128},
+        "lm_eval": {"enabled": False}})
+    ckpt = prepare_checkpoint(cfg.model, cfg.validation.for_baseline(), str(out),
+                              golden_prompts=golden_prompts(cfg))
+    quant = quantize_model(QuantConfig(method="rtn"), ckpt, None, str(out))
+
+    logprobs = out / "baseline_logprobs.pt"
+    original = logprobs.read_bytes()
+    lp = torch.load(logprobs)
+    lp[0, 0] += 1.0
+    torch.save(lp, logprobs)
+    with pytest.raises(StageError, match=r"baseline_logprobs.pt was modified after it was written"):
+        validate_model(cfg.validation, ckpt, quant, str(out))
+    assert not (out / "validation_report.json").exists()
+    logprobs.write_bytes(original)
+
+    metrics = out / "baseline_metrics.json"
+    doc = json.loads(metrics.read_text())
+    doc["metrics"]["perplexity"]["perplexity"] *= 1.5  # a flattering baseline
+    metrics.write_text(json.dumps(doc))
+    with pytest.raises(StageError, match=r"baseline_metrics.json was modified after stage 1 wrote it"):
+        validate_model(cfg.validation, ckpt, quant, str(out))
+    assert not (out / "validation_report.json").exists()

@@ -128,5 +128,12 @@ def _check_servable_for_eval(model_dir: str, cfg: DeployConfig) -> None:
                              f"or {err.fix}") from None
 
 
-def load_logprobs(uri: str) -> torch.Tensor:
-    return torch.load(io.BytesIO(read_uri(uri)))
+def load_logprobs(uri: str, sha256: str | None = None, stage: str = "validate") -> torch.Tensor:
+    """Next-token log-probs; with `sha256` (recorded when they were written), refused when
+    the file changed since."""
+    raw = read_uri(uri)
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise StageError(stage, f"{uri} was modified after it was written (sha256 differs from the "
+                         "one recorded in baseline_metrics.json)",
+                         "delete baseline_metrics.json and re-run: stage 1 measures the baseline again")
+    return torch.load(io.BytesIO(raw))

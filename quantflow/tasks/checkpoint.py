@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from math import prod
 from pathlib import Path
@@ -96,7 +97,10 @@ def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_ur
         baseline_uri=baseline_uri, tokenizer_uri=tokenizer_uri, logprobs_uri=baseline.get("logprobs", {}).get("uri"),
         prequantized=prequantized, versions=tool_versions(), usage=vars(usage),
         golden=baseline.get("golden", []),
-        baseline_digest=digest_of({k: v for k, v in baseline.items() if k != "golden"})))
+        # As read back from baseline_metrics.json (JSON types, string keys): validate
+        # recomputes it from the file to refuse one edited after this stage.
+        baseline_digest=digest_of(json.loads(json.dumps(
+            {k: v for k, v in baseline.items() if k != "golden"}, default=str)))))
 
 
 checkpoint_task = task(**stage_task_options(STAGE))(prepare_checkpoint)

@@ -19,7 +19,7 @@ from quantflow.manifests import CheckpointManifest, QuantizedManifest, Validatio
 from quantflow.profiling import measure
 from quantflow.model_card import CARD, render_card
 from quantflow.reporting import render_chart, render_markdown, render_performance_chart
-from quantflow.store import ArtifactStore
+from quantflow.store import ArtifactStore, digest_of
 from quantflow.tasks.policy import stage_task_options
 from quantflow.versions import tool_versions
 
@@ -37,6 +37,16 @@ def summarize(checks: list[dict]) -> str:
                      f"({c['delta_pct']:+.2f}%, rule {c['rule']})" for c in failed)
 
 
+def check_baseline_unchanged(baseline_doc: dict, checkpoint: CheckpointManifest) -> None:
+    """The baseline numbers the verdict compares against are stage 1's: baseline_metrics.json
+    edited after stage 1 (its digest is in the checkpoint manifest) is refused, not used."""
+    metrics = {k: v for k, v in baseline_doc.get("metrics", {}).items() if k != "golden"}
+    if checkpoint.baseline_digest and digest_of(metrics) != checkpoint.baseline_digest:
+        raise StageError(STAGE, f"{checkpoint.baseline_uri} was modified after stage 1 wrote it: its "
+                         "metrics no longer match the digest stage 1 recorded",
+                         "delete it and re-run: stage 1 measures the baseline again")
+
+
 def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
                    quantized: QuantizedManifest, output_uri: str,
                    serving: DeployConfig | None = None) -> ValidationManifest:
@@ -44,6 +54,7 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
     begin_outputs(store, STAGE)
     with measure() as usage:
         baseline_doc = read_json_uri(checkpoint.baseline_uri)
+        check_baseline_unchanged(baseline_doc, checkpoint)
         if baseline_doc["validation_config"] != validation.for_baseline().model_dump(mode="json"):
             raise StageError(STAGE, "the baseline was measured with different validation settings",
                              "re-run the pipeline so stage 1 re-measures the baseline")
@@ -58,7 +69,8 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
                                    golden_prompts=prompts or None)
         kl = None
         if validation.consistency.enabled and checkpoint.logprobs_uri:
-            kl = mean_kl(load_logprobs(checkpoint.logprobs_uri),
+            kl = mean_kl(load_logprobs(checkpoint.logprobs_uri,
+                                       baseline_doc["metrics"].get("logprobs", {}).get("sha256")),
                          load_logprobs(candidate["logprobs"]["uri"]))
         checks = compare(baseline_doc["metrics"], candidate, validation, kl)
         performance = None
