@@ -255,12 +255,17 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Create a run of the quantize-pipeline deployment through the REST API."""
+    """Create a run of the quantize-pipeline (or quantize-search) deployment through the REST API."""
     from quantflow.config import load_config
+    from quantflow.config.search import load_search_config
     from quantflow.prefect_server import configured_api_url, running_local_server
     from quantflow.submit import PrefectREST
 
-    config = load_config(args.config, _overrides(args))
+    search = args.deployment.split("/")[0] == "quantize-search"
+    if search and not args.config:
+        print("error: --deployment quantize-search/... needs --config with a search: section", file=sys.stderr)
+        return EXIT_FAILED
+    config = (load_search_config if search else load_config)(args.config, _overrides(args))
     api_url = configured_api_url() or running_local_server()
     if not api_url:
         print("error: no Prefect API: set PREFECT_API_URL, or start the platform with `make up`",
