@@ -37,10 +37,17 @@ from quantflow.store import ArtifactStore, digest_of
 from quantflow.tasks.sensitivity import sensitivity_task
 
 log = logging.getLogger("quantflow.search")
-# llm-compressor keeps one global session per process: two oneshot calls in threads of one
-# process would share it. Quantize stages run here take turns; dispatched ones (GPU pools)
-# run in their own processes and do not need this.
-_IN_PROCESS_QUANTIZE = threading.Lock()
+# Stages that run in this process take turns: llm-compressor keeps one global session per
+# process, and model loading patches module construction process-wide (meta-device init),
+# so two candidates loading models in threads corrupt each other, and later runs too
+# (measured: "Cannot copy out of meta tensor"). Stages dispatched to pools run in their own
+# processes; there `search.concurrency` runs candidates at once.
+_IN_PROCESS_STAGES = threading.Lock()
+
+
+def _run_stage(name: str, pool: str | None, **kwargs: Any):
+    with contextlib.nullcontext() if pool else _IN_PROCESS_STAGES:
+        return run_cached_stage(name, pool=pool, **kwargs)
 REPORT, CHART, SENSITIVITY, SENSITIVITY_CHART = ("search_report.json", "search_pareto.png",
                                                  "sensitivity.json", "sensitivity.png")
 
@@ -96,13 +103,12 @@ def evaluate_candidate(name: str, candidate: Candidate, config: SearchConfig, ch
                                "keep_sensitive": candidate.keep_sensitive, "attempts": [], "records": []}
     start = time.perf_counter()
     for uri, quant, kept in attempts:
-        with contextlib.nullcontext() if pools.get("quantize") else _IN_PROCESS_QUANTIZE:
-            qman, qrec = run_cached_stage("quantize", output_uri=uri, pool=pools.get("quantize"),
-                                          timeout_s=timeout, quant=quant, checkpoint=checkpoint,
-                                          calibration=calibration if quant.needs_calibration else None)
-        verdict, vrec = run_cached_stage("validate", output_uri=uri, pool=pools.get("validate"),
-                                         timeout_s=timeout, validation=config.validation,
-                                         checkpoint=checkpoint, quantized=qman, serving=validate_serving)
+        qman, qrec = _run_stage("quantize", pools.get("quantize"), output_uri=uri, timeout_s=timeout,
+                                quant=quant, checkpoint=checkpoint,
+                                calibration=calibration if quant.needs_calibration else None)
+        verdict, vrec = _run_stage("validate", pools.get("validate"), output_uri=uri, timeout_s=timeout,
+                                   validation=config.validation, checkpoint=checkpoint, quantized=qman,
+                                   serving=validate_serving)
         report = read_json_uri(verdict.report_uri)
         attempt = {"output_uri": uri, "kept_layers": kept, "passed": verdict.overall_pass,
                    "cached": qrec.cache_hit and vrec.cache_hit, **_scores(report)}
