@@ -16,6 +16,13 @@ from quantflow.manifests import CalibrationManifest, CheckpointManifest, Quantiz
 from quantflow.store import ArtifactStore, digest_of, read_uri, tree_sha256
 
 
+def baseline_metrics_digest(metrics: dict) -> str:
+    """Digest of stage 1's measurements as baseline_metrics.json holds them (JSON types,
+    string keys), golden answers left out (they are not compared against): stage 1 records
+    it in its manifest, validate recomputes it from the file to refuse one edited since."""
+    return digest_of(json.loads(json.dumps({k: v for k, v in metrics.items() if k != "golden"}, default=str)))
+
+
 def load_calibration(manifest: CalibrationManifest, stage: str) -> torch.Tensor:
     ids = torch.load(io.BytesIO(read_uri(manifest.uri)))["input_ids"]
     if digest_of(ids.tolist()) != manifest.sha256:

@@ -57,10 +57,6 @@ def front_matter(quantized: QuantizedManifest, checkpoint: CheckpointManifest,
     return meta
 
 
-def validation_rows(report: dict) -> list[str]:
-    return checks_rows(report["checks"])
-
-
 def performance_rows(perf: dict | None) -> list[str]:
     if not perf:
         return ["Not measured (validation.performance.enabled is false)."]
@@ -99,7 +95,7 @@ def render_card(report: dict, quantized: QuantizedManifest, checkpoint: Checkpoi
              f"- checkpoint sha256: `{report['checkpoint_sha256']}`", ""]
     if quantized.recipe:
         lines += ["Recipe:", "", "```yaml", quantized.recipe.strip(), "```", ""]
-    lines += ["## Validation against the baseline", "", *validation_rows(report), "",
+    lines += ["## Validation against the baseline", "", *checks_rows(report["checks"]), "",
               "## Serving performance (vLLM, same settings for both)", "",
               *performance_rows(report.get("performance")), "",
               "## Serve it with vLLM", "", "```bash",

@@ -80,11 +80,9 @@ def render_search_markdown(report: dict, chart: str | None, sensitivity_chart: s
             f"Model `{report['model']}`. ")
     chosen = report.get("chosen")
     head += (f"Chosen: **{chosen}**." if chosen else "**No candidate passed the gate**; nothing deployed.")
-    rows = candidate_rows(report["candidates"])
-    table = "\n".join("| " + " | ".join(r).replace("\n", " ") + " |" for r in rows[:1])
-    table += "\n|" + "---|" * len(rows[0]) + "\n"
-    table += "\n".join("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in r) + " |"
-                       for r in rows[1:])
+    header, *rows = [[c.replace("|", "/").replace("\n", " ") for c in r]
+                     for r in candidate_rows(report["candidates"])]
+    table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
     parts = [head, "", table, "",
              f"Pareto front (quality loss = {report['quality_metric']} vs size"
              + (", and throughput" if report.get("speed_measured") else "") + "): "

@@ -77,13 +77,14 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None,
-                 source: str = "parameters") -> PipelineConfig:
+                 source: str = "parameters", model: type[PipelineConfig] = PipelineConfig) -> PipelineConfig:
+    """`model`: PipelineConfig, or a config that extends it (the search's)."""
     data = copy.deepcopy(data)  # overrides must not change the caller's nested dicts
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)
     try:
-        return PipelineConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(source, format_validation_error(err)) from None
 

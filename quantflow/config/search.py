@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from quantflow.config.base import StrictModel
-from quantflow.config.pipeline import PipelineConfig, _set_dotted, format_validation_error, read_config_file
+from quantflow.config.pipeline import PipelineConfig, build_config, read_config_file
 from quantflow.config.quant import ALLOWED_BITS, QuantConfig
-from quantflow.errors import ConfigError
 
 
 class Candidate(QuantConfig):
@@ -97,11 +96,4 @@ class SearchConfig(PipelineConfig):
 
 
 def load_search_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
-    data = read_config_file(path)
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(data, dotted, value)
-    try:
-        return SearchConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(str(path), format_validation_error(err)) from None
+    return cast(SearchConfig, build_config(read_config_file(path), overrides, str(path), model=SearchConfig))

@@ -10,9 +10,7 @@ one with a candidate more, computes only what is new.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
 from typing import Any
 
@@ -31,23 +29,12 @@ from quantflow.manifests import CalibrationManifest, CheckpointManifest, Quantiz
 from quantflow.quantization.sensitivity import layer_pattern, render_sensitivity_chart
 from quantflow.search_report import (pareto_front, quality_loss, render_pareto_chart,
                                      render_search_markdown)
-from quantflow.serving.compatibility import check_scheme
+from quantflow.serving.compatibility import cannot_serve, check_scheme
 from quantflow.serving.schemes import scheme_for
 from quantflow.store import ArtifactStore, digest_of
 from quantflow.tasks.sensitivity import sensitivity_task
 
 log = logging.getLogger("quantflow.search")
-# Stages that run in this process take turns: llm-compressor keeps one global session per
-# process, and model loading patches module construction process-wide (meta-device init),
-# so two candidates loading models in threads corrupt each other, and later runs too
-# (measured: "Cannot copy out of meta tensor"). Stages dispatched to pools run in their own
-# processes; there `search.concurrency` runs candidates at once.
-_IN_PROCESS_STAGES = threading.Lock()
-
-
-def _run_stage(name: str, pool: str | None, **kwargs: Any):
-    with contextlib.nullcontext() if pool else _IN_PROCESS_STAGES:
-        return run_cached_stage(name, pool=pool, **kwargs)
 REPORT, CHART, SENSITIVITY, SENSITIVITY_CHART = ("search_report.json", "search_pareto.png",
                                                  "sensitivity.json", "sensitivity.png")
 
@@ -65,10 +52,7 @@ def drop_reason(config: SearchConfig, candidate: Candidate) -> str | None:
     if scheme is None:
         return None
     answer = check_scheme(scheme, config.deploy)
-    if answer["serves"]:
-        return None
-    return (f"{answer['flavor']} {answer['vllm_version']} cannot serve {answer['scheme']} on this "
-            f"host ({answer['host']}): {answer['reason']}")
+    return None if answer["serves"] else f"{answer['scheme']}, which {cannot_serve(answer)}"
 
 
 def _scores(report: dict) -> dict[str, Any]:
@@ -103,21 +87,21 @@ def evaluate_candidate(name: str, candidate: Candidate, config: SearchConfig, ch
                                "keep_sensitive": candidate.keep_sensitive, "attempts": [], "records": []}
     start = time.perf_counter()
     for uri, quant, kept in attempts:
-        qman, qrec = _run_stage("quantize", pools.get("quantize"), output_uri=uri, timeout_s=timeout,
-                                quant=quant, checkpoint=checkpoint,
-                                calibration=calibration if quant.needs_calibration else None)
-        verdict, vrec = _run_stage("validate", pools.get("validate"), output_uri=uri, timeout_s=timeout,
-                                   validation=config.validation, checkpoint=checkpoint, quantized=qman,
-                                   serving=validate_serving)
-        report = read_json_uri(verdict.report_uri)
+        qman, qrec = run_cached_stage("quantize", output_uri=uri, pool=pools.get("quantize"),
+                                      timeout_s=timeout, quant=quant, checkpoint=checkpoint,
+                                      calibration=calibration if quant.needs_calibration else None)
+        verdict, vrec = run_cached_stage("validate", output_uri=uri, pool=pools.get("validate"),
+                                         timeout_s=timeout, validation=config.validation,
+                                         checkpoint=checkpoint, quantized=qman, serving=validate_serving)
+        scores = _scores(read_json_uri(verdict.report_uri))
         attempt = {"output_uri": uri, "kept_layers": kept, "passed": verdict.overall_pass,
-                   "cached": qrec.cache_hit and vrec.cache_hit, **_scores(report)}
+                   "cached": qrec.cache_hit and vrec.cache_hit, **scores}
         outcome["attempts"].append(attempt)
         outcome["records"] += [_named(qrec, name, kept), _named(vrec, name, kept)]
         log.info("search: %s%s %s — %s", name, f" keeping layers {kept}" if kept else "",
                  "PASS" if verdict.overall_pass else "FAIL", verdict.summary)
         outcome.update(quantized=qman.model_dump(mode="json"), validation=verdict.model_dump(mode="json"),
-                       report_uri=verdict.report_uri, output_uri=uri, **_scores(report))
+                       report_uri=verdict.report_uri, output_uri=uri, **scores)
         if verdict.overall_pass:
             break
     passed = outcome["attempts"][-1]["passed"] if outcome["attempts"] else False
@@ -135,6 +119,12 @@ def evaluate_candidate(name: str, candidate: Candidate, config: SearchConfig, ch
     if not passed and "reason" not in outcome and outcome["attempts"]:
         outcome["reason"] = outcome["summary"]
     return outcome
+
+
+def _outcome(name: str, candidate: Candidate, status: str, reason: str) -> dict:
+    """A candidate that was not evaluated: dropped, not run, or broken."""
+    return {"name": name, "status": status, "reason": reason, "keep_sensitive": candidate.keep_sensitive,
+            "quant": candidate.quant().model_dump(mode="json", exclude_defaults=True)}
 
 
 def _named(record: StageRecord, name: str, kept: list[int]) -> dict:
@@ -156,9 +146,7 @@ def _run_candidates(config: SearchConfig, todo: list[tuple[str, Candidate]], ckp
                 results.append(fut.result())
             except Exception as err:  # noqa: BLE001 - one broken candidate does not end the search
                 log.error("search: %s failed: %s", n, err)
-                results.append({"name": n, "status": "error", "reason": f"{type(err).__name__}: {err}",
-                                "quant": c.quant().model_dump(mode="json", exclude_defaults=True),
-                                "keep_sensitive": c.keep_sensitive, "records": []})
+                results.append(_outcome(n, c, "error", f"{type(err).__name__}: {err}"))
         if config.search.mode == "ladder" and any(r["status"] == "passed" for r in results):
             break
     return results
@@ -179,7 +167,7 @@ def _sensitivities(config: SearchConfig, todo: list[tuple[str, Candidate]], ckpt
     docs = []
     for label, quant in keep.items():
         start = time.perf_counter()
-        state = sensitivity_task(quant=quant.model_copy(update={"ignore": quant.ignore}), checkpoint=ckpt,
+        state = sensitivity_task(quant=quant, checkpoint=ckpt,
                                  calibration=calib, samples=config.search.sensitivity_samples,
                                  dtype=config.validation.dtype, output_uri=config.output_uri, return_state=True)
         doc = state.result()
@@ -224,9 +212,7 @@ def _search(config: SearchConfig, summary: Summary) -> Any:
         reason = drop_reason(config, c)
         if reason:
             log.info("search: dropping %s: %s", name, reason)
-            outcomes[name] = {"name": name, "status": "dropped", "reason": reason,
-                              "quant": c.quant().model_dump(mode="json", exclude_defaults=True),
-                              "keep_sensitive": c.keep_sensitive}
+            outcomes[name] = _outcome(name, c, "dropped", reason)
         else:
             todo.append((name, c))
     if not todo:
@@ -255,9 +241,8 @@ def _search(config: SearchConfig, summary: Summary) -> Any:
     chosen = _choose(config, list(outcomes.values()))
     ordered = []
     for name, c in spec.named():
-        o = outcomes.get(name) or {"name": name, "status": "not_run", "keep_sensitive": c.keep_sensitive,
-                                     "quant": c.quant().model_dump(mode="json", exclude_defaults=True),
-                                     "reason": f"the ladder stopped at {chosen['name']}" if chosen else ""}
+        o = outcomes.get(name) or _outcome(name, c, "not_run",
+                                           f"the ladder stopped at {chosen['name']}" if chosen else "")
         if chosen and o["name"] == chosen["name"]:
             o["status"] = "chosen"
             o["reason"] = ("first candidate in ladder order to pass" if spec.mode == "ladder" else

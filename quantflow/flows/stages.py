@@ -9,6 +9,7 @@ where this process reads it back (Prefect results never carry large data).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,12 @@ CACHED_STAGES: dict[str, tuple[Any, type[Manifest], tuple[str, ...]]] = {
     "validate": (validate_task, ValidationManifest, ("validation_report.json",)),
 }
 STAGE_DEPLOYMENT = "quantflow-stage"
+# Stages that run in this process take turns. llm-compressor keeps one global session per
+# process, and model loading patches module construction process-wide (meta-device init):
+# two stages loading models in threads of one process (a search's candidates) corrupted each
+# other and every later run in that process ("Cannot copy out of meta tensor", measured in
+# CI). Dispatched stages run in their workers' own processes and do not take this lock.
+_IN_PROCESS = threading.Lock()
 
 
 @dataclass
@@ -71,7 +78,7 @@ def run_cached_stage(name: str, output_uri: str, pool: str | None = None,
         record.peak_rss_mib = payload["usage"].get("peak_rss_mib")
         record.extra = {"flow_run_id": payload["flow_run_id"], "work_pool": payload["work_pool"]}
         return manifest_type.model_validate(payload["manifest"]), record
-    with measure() as usage:
+    with _IN_PROCESS, measure() as usage:
         manifest, hit, state_name = run_stage_task(name, output_uri, False, kwargs, timeout_s)
     record.wall_s, record.peak_rss_mib = usage.wall_s, usage.peak_rss_mib
     record.cache_hit, record.state = hit, state_name

@@ -168,6 +168,11 @@ def ensure_servable(scheme: Scheme, cfg: DeployConfig, stage: str, what: str) ->
     instead = servable_alternatives(cfg, scheme)
     fix = ("quantize to a scheme that serves here, e.g. " + "; ".join(instead) if instead
            else "deploy from a host whose vLLM has kernels for it (`quantflow doctor` lists them)")
-    raise StageError(stage, f"{what} is {answer['scheme']}, which {answer['flavor']} "
-                     f"{answer['vllm_version']} cannot serve on this host ({answer['host']}): "
-                     f"{answer['reason']}", f"{fix}; or set deploy.enabled: false")
+    raise StageError(stage, f"{what} is {answer['scheme']}, which {cannot_serve(answer)}",
+                     f"{fix}; or set deploy.enabled: false")
+
+
+def cannot_serve(answer: dict[str, Any]) -> str:
+    """Why check_scheme said no, as the deploy pre-flight and a search's dropped list say it."""
+    return (f"{answer['flavor']} {answer['vllm_version']} cannot serve on this host "
+            f"({answer['host']}): {answer['reason']}")

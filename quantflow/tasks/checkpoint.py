@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from math import prod
 from pathlib import Path
 
 from prefect import task
 
-from quantflow.artifacts import begin_outputs, finish_outputs, save_tokenizer
+from quantflow.artifacts import baseline_metrics_digest, begin_outputs, finish_outputs, save_tokenizer
 from quantflow.checkpoints import read_config, read_safetensors_header, resolve_model, shard_files
 from quantflow.config import CompletionCheck, DeployConfig, ModelSpec, ValidationConfig
 from quantflow.content_digest import DigestMemo
@@ -97,10 +96,7 @@ def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_ur
         baseline_uri=baseline_uri, tokenizer_uri=tokenizer_uri, logprobs_uri=baseline.get("logprobs", {}).get("uri"),
         prequantized=prequantized, versions=tool_versions(), usage=vars(usage),
         golden=baseline.get("golden", []),
-        # As read back from baseline_metrics.json (JSON types, string keys): validate
-        # recomputes it from the file to refuse one edited after this stage.
-        baseline_digest=digest_of(json.loads(json.dumps(
-            {k: v for k, v in baseline.items() if k != "golden"}, default=str)))))
+        baseline_digest=baseline_metrics_digest(baseline)))
 
 
 checkpoint_task = task(**stage_task_options(STAGE))(prepare_checkpoint)

@@ -8,7 +8,7 @@ import logging
 
 from prefect import task
 
-from quantflow.artifacts import (begin_outputs, fetch_quantized, finish_outputs, local_checkpoint,
+from quantflow.artifacts import (baseline_metrics_digest, begin_outputs, fetch_quantized, finish_outputs, local_checkpoint,
                                  read_json_uri, split_uri)
 from quantflow.config import CompletionCheck, DeployConfig, ValidationConfig
 from quantflow.errors import StageError
@@ -19,7 +19,7 @@ from quantflow.manifests import CheckpointManifest, QuantizedManifest, Validatio
 from quantflow.profiling import measure
 from quantflow.model_card import CARD, render_card
 from quantflow.reporting import render_chart, render_markdown, render_performance_chart
-from quantflow.store import ArtifactStore, digest_of
+from quantflow.store import ArtifactStore
 from quantflow.tasks.policy import stage_task_options
 from quantflow.versions import tool_versions
 
@@ -40,8 +40,8 @@ def summarize(checks: list[dict]) -> str:
 def check_baseline_unchanged(baseline_doc: dict, checkpoint: CheckpointManifest) -> None:
     """The baseline numbers the verdict compares against are stage 1's: baseline_metrics.json
     edited after stage 1 (its digest is in the checkpoint manifest) is refused, not used."""
-    metrics = {k: v for k, v in baseline_doc.get("metrics", {}).items() if k != "golden"}
-    if checkpoint.baseline_digest and digest_of(metrics) != checkpoint.baseline_digest:
+    if checkpoint.baseline_digest and \
+            baseline_metrics_digest(baseline_doc.get("metrics", {})) != checkpoint.baseline_digest:
         raise StageError(STAGE, f"{checkpoint.baseline_uri} was modified after stage 1 wrote it: its "
                          "metrics no longer match the digest stage 1 recorded",
                          "delete it and re-run: stage 1 measures the baseline again")
