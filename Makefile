@@ -5,7 +5,7 @@ SERVE_VENV := .venv-serve
 QF := $(VENV)/bin/quantflow
 PYTEST_ARGS ?=
 
-.PHONY: setup serve-env demo stop test test-fast up down benchmark benchmark-serving benchmark-platform benchmark-search quality-table clean
+.PHONY: setup serve-env system-packages demo stop test test-fast up down benchmark benchmark-serving benchmark-platform benchmark-search quality-table clean
 
 # uv installs the pinned sets in seconds where pip took minutes (measured on this machine
 # kind: the serving set in 15 s with uv, 132 s with pip). torch's CPU build is the local
@@ -40,7 +40,11 @@ demo: setup
 stop:
 	@if [ -x $(QF) ]; then $(QF) stop; fi
 
-test: setup
+# nginx and prometheus from Debian, for the stable-endpoint and alert-rule tests.
+system-packages:
+	scripts/system-packages.sh
+
+test: setup system-packages
 	$(VENV)/bin/python -m quantflow.demo
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
