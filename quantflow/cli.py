@@ -64,6 +64,9 @@ def run_pipeline(config, show_completion: bool = True, note: str | None = None, 
     with prefect_api() as api_url:
         print(f"Prefect UI: {ui_url(api_url)}", flush=True)
         state = flow_fn(config=config, return_state=True)
+    if refused := _folder_in_use(state):  # the folder's summary is the other run's, not ours
+        print(f"\nerror: {refused}", file=sys.stderr)
+        return EXIT_FAILED
     store = ArtifactStore(config.output_uri)
     summary = store.read_json("pipeline_summary.json") if store.exists("pipeline_summary.json") else {}
     if note and summary:
@@ -89,6 +92,20 @@ def run_pipeline(config, show_completion: bool = True, note: str | None = None, 
         stage = getattr(err, "stage", None) or summary.get("failed_stage") or "pipeline"
         print(f"\nFAILED in stage {stage}: {err}", file=sys.stderr)
     return EXIT_FAILED
+
+
+def _folder_in_use(state) -> Exception | None:
+    from quantflow.folder_claims import FolderInUse
+
+    if not state.is_failed():
+        return None
+    try:
+        state.result()
+    except FolderInUse as err:
+        return err
+    except Exception:  # noqa: BLE001 - other failures are reported with the summary below
+        return None
+    return None
 
 
 def _print_summary(summary: dict, state) -> None:

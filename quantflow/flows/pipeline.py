@@ -14,6 +14,7 @@ from prefect.states import Completed, Failed
 
 from quantflow.artifacts import read_json_uri
 from quantflow.config import CompletionCheck, PipelineConfig
+from quantflow.folder_claims import claim_output
 from quantflow.flows.approval import wait_for_approval
 from quantflow.flows.stages import StageRecord, run_cached_stage
 from quantflow.reporting import checks_table, render_markdown
@@ -75,12 +76,13 @@ def _timed(stage: str, fn, **kwargs) -> tuple[Any, StageRecord]:
 @flow(name="quantize-pipeline", log_prints=False, validate_parameters=True)
 def quantize_pipeline(config: PipelineConfig) -> Any:
     """Quantize a checkpoint, validate it against its baseline and deploy it only if it passes."""
-    summary = Summary(config)
-    try:
-        return _pipeline(config, summary)
-    except Exception as err:
-        summary.write("failed", failed_stage=getattr(err, "stage", None), error=str(err))
-        raise
+    with claim_output(config, config.output_uri):  # before anything is written there
+        summary = Summary(config)
+        try:
+            return _pipeline(config, summary)
+        except Exception as err:
+            summary.write("failed", failed_stage=getattr(err, "stage", None), error=str(err))
+            raise
 
 
 def golden_prompts(config: PipelineConfig) -> list[CompletionCheck]:
