@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
@@ -174,6 +176,15 @@ def test_probe_flags_a_destroyed_model(prefect_server, validated_served, demo_mo
                                         "auth": False, "golden": validated_served["checkpoint"].golden})
         result = quality_monitor(deployment="destroyed", start_exporter=False)
         m = scrape(exporter_url)
+        # Then the server dies (kill -9 of its whole process group, as an OOM kill would):
+        # the next round cannot reach it and says so, as its own alert, without counting
+        # the unanswered probes against the model's quality.
+        os.killpg(os.getpgid(server.pid), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while server.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        dead = quality_monitor(deployment="destroyed", start_exporter=False)
+        after = scrape(exporter_url)
     finally:
         server.stop()
         registry.clear("destroyed")
@@ -182,6 +193,17 @@ def test_probe_flags_a_destroyed_model(prefect_server, validated_served, demo_mo
     assert sample(m, "llm_quality_regression_alerts", "llm_quality_regression_alerts_total",
                   model="destroyed", severity="critical") >= 1
     assert wait_for_event(prefect_server, "quantflow.monitor.quality_regression",
+                          "quantflow.deployment.destroyed") >= 1
+
+    unreachable = [a for a in dead["alerts"] if a["kind"] == "endpoint_unreachable"]
+    assert unreachable and unreachable[0]["severity"] == "critical", dead["alerts"]
+    assert f"got no answer from {spec.base_url}" in unreachable[0]["message"]
+    assert dead["quality_score"] == result["quality_score"]  # no answers, no quality samples
+    assert (sample(after, "llm_quality_regression_alerts", "llm_quality_regression_alerts_total",
+                   model="destroyed", severity="critical")
+            > sample(m, "llm_quality_regression_alerts", "llm_quality_regression_alerts_total",
+                     model="destroyed", severity="critical"))
+    assert wait_for_event(prefect_server, "quantflow.monitor.endpoint_unreachable",
                           "quantflow.deployment.destroyed") >= 1
 
 
