@@ -241,6 +241,30 @@ def test_rest_run_dispatches_gpu_stages_and_caches_on_s3(platform):
     assert summary["stages"]["validate"]["extra"]["work_pool"] == "gpu-a100"
 
 
+def test_dispatched_stage_past_its_timeout_is_cancelled(platform):
+    """placement.stage_timeout_s on a work pool: the pipeline stops waiting, cancels the
+    stage's run on the pool (so a GPU is not left busy) and fails naming the setting; the
+    summary on S3 names the stage, and nothing after it ran."""
+    api = PrefectREST(platform["api_url"], AUTH)
+    out = f"s3://{BUCKET}/runs/{uuid.uuid4().hex[:8]}"
+    params = {"config": demo_params(out, placement={"pools": {"checkpoint": "gpu-h100"}, "stage_timeout_s": 2})}
+    run = api.create_flow_run("quantize-pipeline/quantize-pipeline", params)
+    final = api.wait(run["id"], timeout_s=600)
+    assert final["state_type"] == "FAILED", final["state"]
+    assert "did not finish within placement.stage_timeout_s=2s; it was cancelled" in final["state"]["message"]
+    deadline = time.monotonic() + 120
+    while True:
+        runs = [r for r in api._ok(api.request("POST", "flow_runs/filter", json={
+            "deployments": {"name": {"any_": ["gpu-h100"]}}})) if r["parameters"].get("output_uri") == out]
+        if runs and all(r["state_type"] == "CANCELLED" for r in runs) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert [(r["parameters"]["stage"], r["state_type"]) for r in runs] == [("checkpoint", "CANCELLED")]
+    summary = read_s3_json(f"{out}/pipeline_summary.json")
+    assert summary["outcome"] == "failed" and summary["failed_stage"] == "checkpoint"
+    assert list(summary["stages"]) == []
+
+
 def count_pipeline_runs(api: PrefectREST, output_dir: str) -> int:
     runs = api._ok(api.request("POST", "flow_runs/filter", json={"flows": {"name": {"any_": ["quantize-pipeline"]}}}))
     return sum(1 for r in runs if r["parameters"].get("config", {}).get("output_dir") == output_dir)
