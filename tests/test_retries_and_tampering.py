@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -47,6 +48,14 @@ def test_storage_faults_are_transient_and_client_errors_are_not():
             [(403, "AccessDenied"), (404, "NoSuchBucket"), (400, "InvalidRequest")]] == [False] * 3
     assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
     assert not is_transient(StageError("quantize", "quantized checkpoint differs"))
+
+
+def test_negative_retry_delay_is_refused_naming_the_field(tmp_path):
+    from quantflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"placement.retry_delays_s: \[5.0, -1.0\] has a negative delay"):
+        make_config(tmp_path / "never", "bad-delay", placement={"retry_delays_s": [5, -1]})
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +157,7 @@ def test_s3_503_is_retried_then_tampered_objects_are_recomputed_or_refused(prefe
     assert state.is_completed(), state.message
     summary = json.loads(fs.cat_file(f"{root}/pipeline_summary.json"))
     assert summary["cache_hits"] == ["checkpoint", "quantize", "validate"]
+    assert _attempts(summary) == dict.fromkeys(STAGES, 1)
     ids = torch.load(io.BytesIO(fs.cat_file(cal)))["input_ids"]
     assert digest_of(ids.tolist()) == calib_manifest["sha256"]
 
@@ -168,7 +178,8 @@ def test_s3_503_is_retried_then_tampered_objects_are_recomputed_or_refused(prefe
     assert not fs.exists(f"{root}/_manifests/validate.json")  # no verdict stands for the changed shard
 
 
-def test_local_tampering_recomputes_calibration_and_refuses_a_changed_shard(prefect_server, demo_dir, tmp_path):
+def test_local_tampering_recomputes_calibration_and_refuses_a_changed_shard(prefect_server, demo_dir, tmp_path,
+                                                                          caplog):
     """On local disk: calibration_data.pt edited after its stage -> the rerun computes
     calibration again (the marker's sha256 no longer matches; an untouched file costs a
     stat) and the rest stays cached; a quantized shard edited after quantize -> validate
@@ -190,10 +201,13 @@ def test_local_tampering_recomputes_calibration_and_refuses_a_changed_shard(pref
     ids = torch.load(cal)["input_ids"]
     ids[0, 0] = (ids[0, 0] + 1) % 100
     torch.save({"input_ids": ids}, cal)
-    state = quantize_pipeline(config=cfg, return_state=True)
+    with caplog.at_level(logging.WARNING, logger="quantflow.pipeline"):
+        state = quantize_pipeline(config=cfg, return_state=True)
     assert state.is_completed(), state.message
+    assert f"{cal} changed since the calibration stage wrote it" in caplog.text
     summary = json.loads((out / "pipeline_summary.json").read_text())
     assert summary["cache_hits"] == ["checkpoint", "quantize", "validate"]
+    assert _attempts(summary) == dict.fromkeys(STAGES, 1)
     assert digest_of(torch.load(cal)["input_ids"].tolist()) == expected
 
     shard = out / "quantized_model" / "model.safetensors"

@@ -58,14 +58,14 @@ class StageRecord:
     peak_rss_mib: float | None = None
     pool: str | None = None
     state: str = "Completed"
-    # Times the stage's task ran in this run: 1 + transient-fault retries (a recompute of a
-    # cache hit whose files changed adds its own). A cache hit counts 1.
+    # Times the stage's task ran in this run: 1 + transient-fault retries. A cache hit counts
+    # 1; a cache hit recomputed because its files changed counts the recompute's attempts.
     attempts: int = 1
     extra: dict = field(default_factory=dict)
 
 
-def _missing_outputs(store: ArtifactStore, name: str, files: tuple[str, ...]) -> bool:
-    return any(not store.exists(f) for f in (*files, marker(name)))
+def _missing_outputs(store: ArtifactStore, name: str, files: tuple[str, ...]) -> list[str]:
+    return [f"{store.uri(f)} is missing" for f in (*files, marker(name)) if not store.exists(f)]
 
 
 def run_cached_stage(name: str, output_uri: str, pool: str | None = None,
@@ -120,15 +120,12 @@ def run_stage_task(name: str, output_uri: str, refresh: bool, kwargs: dict[str, 
     attempts = attempts_of(state.state_details.task_run_id)
     manifest = _result(state, name, timeout_s, attempts)  # raises the stage's exception when it failed
     hit = state.name == "Cached"
-    if hit and _missing_outputs(store, name, outputs):
-        changed = ["missing files"]
-    else:
-        changed = changed_outputs(store, name, manifest) if hit else []
+    changed = (_missing_outputs(store, name, outputs) or changed_outputs(store, name, manifest)) if hit else []
     if changed:
         log.warning("%s: cached result no longer matches the files in %s (%s); recomputing", name,
                     output_uri, ", ".join(changed))
         state = task_fn.with_options(refresh_cache=True)(output_uri=output_uri, return_state=True, **kwargs)
-        attempts += attempts_of(state.state_details.task_run_id)
+        attempts = attempts_of(state.state_details.task_run_id)  # the lookup computed nothing
         manifest, hit = _result(state, name, timeout_s, attempts), False
     return manifest, hit, state.name, attempts
 
