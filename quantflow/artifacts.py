@@ -116,11 +116,6 @@ def changed_outputs(store: ArtifactStore, stage: str, manifest) -> list[str]:
     return changed
 
 
-def outputs_match(store: ArtifactStore, stage: str, manifest) -> bool:
-    """A cached manifest is only good if the folder still holds the files it describes."""
-    return not changed_outputs(store, stage, manifest)
-
-
 TOKENIZER = "tokenizer"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 
