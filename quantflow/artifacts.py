@@ -39,13 +39,19 @@ def split_uri(uri: str) -> tuple[ArtifactStore, str]:
 
 def fetch_quantized(manifest: QuantizedManifest, stage: str) -> tuple[Path, str]:
     """Local folder of the quantized checkpoint, with every file's sha256 re-checked, and
-    the digest of the files found (what a validation report must name)."""
+    the digest of the files found (what a validation report must name). On S3, a worker's
+    earlier copy is reused only while the objects' sizes and ETags are unchanged
+    (store.fetch_dir); a changed object is downloaded again and refused here."""
     store, name = split_uri(manifest.uri)
     if not store.exists(name):
         raise StageError(stage, f"quantized checkpoint {manifest.uri} is missing",
                          "re-run the pipeline; the quantize stage rebuilds it")
     local = store.fetch_dir(name, expected=manifest.files)
-    found = tree_sha256(local)
+    from quantflow.content_digest import DigestMemo
+
+    memo = DigestMemo()  # an untouched file costs a stat; a changed one is hashed again
+    found = tree_sha256(local, memo)
+    memo.save()
     if found != manifest.files:
         changed = sorted(set(found.items()) ^ set(manifest.files.items()))
         raise StageError(stage, f"quantized checkpoint {manifest.uri} differs from what the "
@@ -69,8 +75,17 @@ def begin_outputs(store: ArtifactStore, stage: str) -> None:
     store.delete(marker(stage))
 
 
+# Outputs whose content a cache hit re-checks against the signature the marker recorded:
+# those no later stage verifies when it is itself a cache hit. A changed one makes its stage
+# recompute (flows/stages.run_stage_task), naming the file. The quantized checkpoint is
+# verified by fetch_quantized (validate, deploy) and the baseline by validate; a rerun
+# whose every stage is a cache hit reads neither.
+CONTENT_CHECKED: dict[str, tuple[str, ...]] = {"calibration": ("calibration_data.pt",)}
+
+
 def record_outputs(store: ArtifactStore, stage: str, manifest) -> None:
-    store.write_json(marker(stage), {"key": manifest.outputs_key()})
+    files = {rel: store.signature(rel) for rel in CONTENT_CHECKED.get(stage, ())}
+    store.write_json(marker(stage), {"key": manifest.outputs_key(), "files": files})
 
 
 def finish_outputs(store: ArtifactStore, stage: str, manifest):
@@ -80,13 +95,25 @@ def finish_outputs(store: ArtifactStore, stage: str, manifest):
     return manifest
 
 
-def outputs_match(store: ArtifactStore, stage: str, manifest) -> bool:
-    """A cached manifest is only good if the folder still holds the files it describes:
-    another run with other settings may have rewritten them since (same output_dir)."""
+def changed_outputs(store: ArtifactStore, stage: str, manifest) -> list[str]:
+    """Why a cached manifest no longer describes the folder (empty when it does): another
+    run with other settings rewrote the outputs (same output_dir), or a file the marker
+    holds a signature of was changed since. Costs a stat (local) or a HEAD (S3) per file."""
     try:
-        return store.read_json(marker(stage))["key"] == manifest.outputs_key()
-    except (FileNotFoundError, KeyError, ValueError):
-        return False
+        doc = store.read_json(marker(stage))
+        if doc["key"] != manifest.outputs_key():
+            return [f"{marker(stage)} names other outputs"]
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return [f"{marker(stage)} is missing or unreadable"]
+    changed = []
+    for rel, recorded in (doc.get("files") or {}).items():
+        try:
+            now = store.signature(rel)
+        except FileNotFoundError:
+            now = None
+        if now != recorded:
+            changed.append(f"{store.uri(rel)} changed since the {stage} stage wrote it")
+    return changed
 
 
 TOKENIZER = "tokenizer"

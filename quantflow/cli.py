@@ -116,8 +116,10 @@ def _print_summary(summary: dict, state) -> None:
     width = max([12, *map(len, stages)])  # a search names its stages candidate:stage
     for stage, rec in stages.items():
         hit = "cached" if rec["cache_hit"] else "ran"
+        hit = "failed" if rec.get("state") == "Failed" else hit
         mem = f", peak RSS {rec['peak_rss_mib']:.0f} MiB" if rec.get("peak_rss_mib") else ""
-        print(f"  {stage:<{width}} {hit:<7} {rec['wall_s']:8.2f}s{mem}")
+        tries = f", {rec['attempts']} attempts" if rec.get("attempts", 1) > 1 else ""
+        print(f"  {stage:<{width}} {hit:<7} {rec['wall_s']:8.2f}s{mem}{tries}")
     ppl = summary.get("perplexity")
     if ppl:
         print(f"  perplexity   baseline {ppl['baseline']:.4f} -> quantized {ppl['quantized']:.4f} "

@@ -35,12 +35,14 @@ def file_sha256(path: str | Path) -> str:
 CARD_FILE = "README.md"
 
 
-def tree_sha256(local_dir: str | Path) -> dict[str, str]:
+def tree_sha256(local_dir: str | Path, memo: Any = None) -> dict[str, str]:
     """sha256 of every file under a folder, keyed by relative POSIX path. The top-level
     README.md (the model card validate writes later) is left out: it is bound by the
-    validate manifest's card_sha256 instead."""
+    validate manifest's card_sha256 instead. With a content_digest.DigestMemo, a file whose
+    size, mtime, ctime and inode are unchanged since it was last hashed costs a stat."""
     root = Path(local_dir)
-    return {p.relative_to(root).as_posix(): file_sha256(p)
+    digest = memo.file_digest if memo is not None else file_sha256
+    return {p.relative_to(root).as_posix(): digest(p)
             for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() != CARD_FILE}
 
 
@@ -57,6 +59,27 @@ def digest_of(obj: Any) -> str:
 def read_uri(uri: str) -> bytes:
     with fsspec.open(uri, "rb") as f:
         return f.read()
+
+
+def is_transient_storage_fault(exc: BaseException | None) -> bool:
+    """An object store fault worth retrying: the store answered 5xx or 429 (503 SlowDown,
+    500 InternalError) or the connection failed. s3fs re-raises these as OSError with the
+    botocore error as its cause, so the chain is searched. 4xx answers (bad credentials,
+    a missing bucket or key) are not transient: retrying cannot fix them."""
+    try:
+        from botocore import exceptions as boto
+    except ImportError:  # no S3 support installed: no S3 faults either
+        return False
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (boto.HTTPClientError, boto.ConnectionError)):
+            return True  # connection reset, closed, refused, timed out
+        if isinstance(exc, boto.ClientError):
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return isinstance(status, int) and (status >= 500 or status == 429)
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def is_remote(uri: str) -> bool:
@@ -143,25 +166,68 @@ class ArtifactStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{dest.name}.build-", dir=dest.parent))
 
+    def signature(self, rel: str) -> dict[str, Any]:
+        """What a stored file looks like now, cheaply: on S3 its size and ETag (a fresh
+        HEAD, not s3fs's listing cache); on disk its sha256 through the content-digest memo
+        (a stat when size, mtime, ctime and inode are unchanged)."""
+        path = self._path(rel)
+        if self.remote:
+            info = self.fs.info(path, refresh=True)
+            return {"size": info.get("size"), "etag": info.get("ETag")}
+        from quantflow.content_digest import DigestMemo  # content_digest imports this module
+
+        memo = DigestMemo()
+        digest = memo.file_digest(Path(path))
+        memo.save()
+        return {"sha256": digest}
+
+    def listing(self, rel: str) -> dict[str, list]:
+        """Every object under a remote folder: relative path -> [size, ETag], listed afresh."""
+        base = self._path(rel).rstrip("/")
+        self.fs.invalidate_cache(base)
+        found = self.fs.find(base, detail=True)
+        return {name[len(base) + 1:]: [info.get("size"), info.get("ETag")]
+                for name, info in sorted(found.items()) if info.get("type") != "directory"}
+
     def fetch_dir(self, rel: str, expected: dict[str, str] | None = None) -> Path:
         """A local copy of a stored folder (the folder itself for local stores).
 
-        Remote folders are cached under ~/.cache/quantflow/fetched by content digest, so a
-        worker downloads each checkpoint once.
+        Remote folders are cached under $QUANTFLOW_CACHE/fetched by content digest, so a
+        worker downloads each checkpoint once. Beside each copy, `<key>.source.json` holds
+        the remote listing (sizes and ETags) it was downloaded from; a copy is reused only
+        while a fresh listing (one LIST request, no download) still matches, so an object
+        changed on S3 after the download is downloaded again and its caller re-hashes it.
         """
         if not self.remote:
             return Path(self._path(rel))
         key = digest_of(expected) if expected else digest_of(self.uri(rel))
         dest = cache_root() / "fetched" / key[:24]
-        if dest.is_dir():  # only ever created by the rename below, so it is complete
-            return dest
+        source = dest.with_name(f"{dest.name}.source.json")
+        remote = self.listing(rel)
+        if dest.is_dir():  # only ever created by a rename below, so it is complete
+            try:
+                if json.loads(source.read_text()) == remote:
+                    return dest
+            except (OSError, ValueError):
+                pass  # a copy from before listings were recorded: fetched again
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         self.fs.get(self._path(rel) + "/", str(tmp) + "/", recursive=True)
+        if dest.is_dir():  # a stale copy: moved aside, then replaced
+            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(dest, old)
+            except OSError:
+                pass  # another worker moved it first
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.rename(tmp, dest)
         except OSError:  # another worker finished the same download first
             shutil.rmtree(tmp, ignore_errors=True)
+        fd, tmp_source = tempfile.mkstemp(dir=dest.parent, prefix=f".{source.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(remote, f)
+        os.replace(tmp_source, source)
         return dest
 
 def _same_device(a: Path, b: Path) -> bool:

@@ -30,6 +30,7 @@ def test_stage_timeout_stops_the_stage_once_and_names_the_setting(prefect_server
     assert elapsed < 30, elapsed  # one attempt: the transient-fault retries wait 5 s, then 30 s
     summary = json.loads((out / "pipeline_summary.json").read_text())
     assert summary["outcome"] == "failed" and summary["failed_stage"] == "checkpoint"
+    assert summary["stages"]["checkpoint"]["attempts"] == 1 and summary["stages"]["checkpoint"]["state"] == "Failed"
     assert not (out / "deployment.json").exists() and not (out / "validation_report.json").exists()
 
     again = quantize_pipeline(config=cfg.model_copy(update={"placement": cfg.placement.model_copy(

@@ -16,6 +16,18 @@ class PlacementConfig(StrictModel):
     pools: dict[str, str] = {}
     # Seconds to wait for a dispatched stage run; then it is cancelled and the pipeline fails.
     stage_timeout_s: float = Field(default=6 * 3600, gt=0)
+    # Seconds before each retry of an in-process stage that failed with a transient fault
+    # (network, hub, storage 5xx/429): one entry per retry, [] for none. Configuration and
+    # integrity errors are never retried. Dispatched stages use the defaults.
+    retry_delays_s: list[float] = Field(default=[5.0, 30.0], max_length=10)
+
+    @field_validator("retry_delays_s")
+    @classmethod
+    def _non_negative(cls, delays: list[float]) -> list[float]:
+        if any(d < 0 for d in delays):
+            raise ValueError(f"placement.retry_delays_s: {delays} has a negative delay; give seconds "
+                             "(>= 0) before each retry, e.g. [5, 30]")
+        return delays
 
     @field_validator("pools")
     @classmethod

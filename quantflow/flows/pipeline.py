@@ -31,7 +31,9 @@ REJECTED_STATE = "ApprovalRejected"
 
 
 class Summary:
-    """pipeline_summary.json: per-stage wall time, peak memory, cache hits, the outcome."""
+    """pipeline_summary.json: per-stage wall time, peak memory, cache hits, attempts (1 +
+    transient-fault retries; a cache hit is 1), the outcome. A failed run lists the stages
+    run so far and the failing one (state "Failed")."""
 
     def __init__(self, config: PipelineConfig):
         self.config = config
@@ -53,6 +55,13 @@ class Summary:
                "total_wall_s": round(total, 3), "wall_s_excluding_deploy": round(total - deploy_s, 3)}
         self.store.write_json("pipeline_summary.json", doc)
         return doc
+
+    def failed(self, err: BaseException) -> dict[str, Any]:
+        record = getattr(err, "stage_record", None)  # the failing stage's record, with its attempts
+        if record is not None:
+            self.add(record)
+        return self.write("failed", failed_stage=getattr(err, "stage", None) or getattr(record, "stage", None),
+                          error=str(err))
 
 
 def publish_report(config: PipelineConfig, report: dict) -> None:
@@ -81,7 +90,7 @@ def quantize_pipeline(config: PipelineConfig) -> Any:
         try:
             return _pipeline(config, summary)
         except Exception as err:
-            summary.write("failed", failed_stage=getattr(err, "stage", None), error=str(err))
+            summary.failed(err)
             raise
 
 
@@ -117,7 +126,8 @@ def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
     out = config.output_uri
     pools = config.placement.pools
     lm_eval_serving, validate_serving = serving_inputs(config)
-    common = {"output_uri": out, "timeout_s": config.placement.stage_timeout_s}
+    common = {"output_uri": out, "timeout_s": config.placement.stage_timeout_s,
+              "retry_delays_s": config.placement.retry_delays_s}
 
     ckpt, rec = run_cached_stage("checkpoint", pool=pools.get("checkpoint"), model=config.model,
                                  validation=config.validation.for_baseline(), serving=lm_eval_serving,

@@ -201,7 +201,7 @@ def quantize_search(config: SearchConfig) -> Any:
         try:
             return _search(config, summary)
         except Exception as err:
-            summary.write("failed", failed_stage=getattr(err, "stage", None), error=str(err))
+            summary.failed(err)
             raise
 
 
@@ -223,7 +223,8 @@ def _search(config: SearchConfig, summary: Summary) -> Any:
                          "add a candidate `quantflow doctor` lists as served here, or set deploy.enabled: false")
 
     pools, common = config.placement.pools, {"output_uri": config.output_uri,
-                                             "timeout_s": config.placement.stage_timeout_s}
+                                             "timeout_s": config.placement.stage_timeout_s,
+                                             "retry_delays_s": config.placement.retry_delays_s}
     lm_eval_serving, _ = serving_inputs(config)
     ckpt, rec = run_cached_stage("checkpoint", pool=pools.get("checkpoint"), model=config.model,
                                  validation=config.validation.for_baseline(), serving=lm_eval_serving,

@@ -12,6 +12,8 @@ manifest, which carries the sha256 of the token ids it produced.
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -29,7 +31,7 @@ from quantflow.content_digest import DigestMemo, path_digest, task_folder_digest
 from quantflow.errors import QuantflowError, TransientError
 from quantflow.locks import stage_lock_manager
 from quantflow.manifests import Manifest
-from quantflow.store import digest_of
+from quantflow.store import digest_of, is_transient_storage_fault
 from quantflow.versions import tool_versions
 
 
@@ -126,8 +128,17 @@ def is_transient(exc: BaseException | None) -> bool:
         return False  # configuration, integrity and gate errors do not heal by retrying
     if isinstance(exc, (ConnectionError, TimeoutError, httpx.TransportError)):
         return True
+    if is_transient_storage_fault(exc):
+        return True  # S3 answered 5xx/429 or the connection broke (s3fs raises OSError)
     status = getattr(getattr(exc, "response", None), "status_code", None)
     return isinstance(status, int) and (status >= 500 or status == 429)
+
+
+# Retries Prefect granted, per task run id. retry_condition_fn is the one hook Prefect calls
+# on every failed attempt with the task run in hand, so attempts = 1 + retries granted; read
+# (and forgotten) by flows/stages.py once the task run has ended.
+_RETRIES: Counter = Counter()
+_RETRIES_LOCK = threading.Lock()
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -136,10 +147,22 @@ def retry_transient(task, task_run, state) -> bool:
         exc = state.result(raise_on_failure=False)
     except Exception:  # noqa: BLE001 - an unreadable result is not evidence of a transient fault
         return False
-    return is_transient(exc if isinstance(exc, BaseException) else None)
+    retry = is_transient(exc if isinstance(exc, BaseException) else None)
+    if retry:
+        with _RETRIES_LOCK:
+            _RETRIES[str(task_run.id)] += 1
+    return retry
 
 
-TASK_DEFAULTS: dict[str, Any] = dict(retries=2, retry_delay_seconds=[5, 30],
+def attempts_of(task_run_id: Any) -> int:
+    """How many times a finished task run in this process ran its stage: 1 + the retries
+    retry_transient granted. A cache hit is one attempt (it ran once and found the result)."""
+    with _RETRIES_LOCK:
+        return 1 + _RETRIES.pop(str(task_run_id), 0)
+
+
+RETRY_DELAYS_S = (5.0, 30.0)  # placement.retry_delays_s overrides these per run
+TASK_DEFAULTS: dict[str, Any] = dict(retries=len(RETRY_DELAYS_S), retry_delay_seconds=list(RETRY_DELAYS_S),
                                      retry_condition_fn=retry_transient, persist_result=True)
 
 
