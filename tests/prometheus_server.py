@@ -26,7 +26,7 @@ METRICS_DOC = REPO / "docs" / "monitoring.md"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: run scripts/system-packages.sh "
                                     "(Debian's prometheus package, requirements/debian.txt)")
-needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus missing: run "
+needs_prometheus = pytest.mark.skipif(None in (PROMETHEUS, PROMTOOL), reason="prometheus missing: run "
                                       "scripts/system-packages.sh (requirements/debian.txt)")
 
 
@@ -119,7 +119,11 @@ class PrometheusServer:
                 [PROMETHEUS, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
                  f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
                 stdout=log, stderr=subprocess.STDOUT)
-        self.wait_for(lambda: self._ready(), "Prometheus to become ready", 60)
+        try:
+            self.wait_for(self._ready, "Prometheus to become ready", 60)
+        except BaseException:
+            self.__exit__()  # a failed start leaves no process behind either
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
