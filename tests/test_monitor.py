@@ -11,6 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SERVE_PYTHON, free_port, needs_serving
+from prometheus_server import (PrometheusServer, alert_rules, dashboard_exprs, documented_metrics,
+                               needs_prometheus, scrape_config, selectors, target_of)
 from quantflow.config import DeployConfig, MonitorConfig
 from quantflow.flows.monitoring import quality_monitor
 from quantflow.monitoring.exporter_process import ensure_exporter, stop_exporter
@@ -139,6 +141,67 @@ def test_latency_bound_is_the_pre_deploy_measurement(prefect_server, live_deploy
     slow = {"p99_e2el_s": 1000.0, "at_concurrency": 1, "per_request_tok_per_s": 1e-6, "output_len": 8}
     result = rounds(slow)
     assert [a for a in result["alerts"] if a["kind"] == "latency_regression"] == []
+
+
+@needs_prometheus
+def test_prometheus_scrapes_every_metric_the_rules_and_dashboard_use(prefect_server, live_deployment,
+                                                                      exporter_url, tmp_path):
+    """Debian's Prometheus, run with the shipped prometheus.yaml (targets replaced) and rules,
+    scrapes the exporter and the live vLLM server: the exporter serves the metrics
+    docs/monitoring.md lists, with their labels; every series a rule or panel selects exists;
+    the rules evaluate healthy; every panel query returns data."""
+    result = quality_monitor(deployment="live", start_exporter=False)  # a score and probes to export
+    jobs = {"quantflow-monitor": [target_of(exporter_url)], "vllm": [target_of(live_deployment["base_url"])]}
+    with PrometheusServer(tmp_path, scrape_config(jobs), free_port()) as prom:
+        def targets_up():
+            active = prom.api("targets")["activeTargets"]
+            return len(active) == 2 and all(t["health"] == "up" for t in active) and active
+
+        targets = prom.wait_for(targets_up, "both targets to be scraped", 60)
+        assert {(t["labels"]["job"], t["labels"]["instance"]) for t in targets} == {
+            (job, target) for job, (target,) in jobs.items()}
+
+        panels = dashboard_exprs()  # rate() needs two scrapes: wait until every panel has data
+        prom.wait_for(lambda: all(prom.api("query", query=e)["result"] for e in panels),
+                      "every dashboard query to return data", 60)
+
+        exported = {}  # less what Prometheus writes itself: up, scrape_*, and ALERTS* from the rules
+        own = '__name__!~"up|scrape_.+|ALERTS|ALERTS_FOR_STATE"'
+        for series in prom.api("series", **{"match[]": f'{{job="quantflow-monitor", {own}}}'}):
+            labels = set(series) - {"__name__", "job", "instance", "le"}
+            exported.setdefault(series["__name__"], set()).update(labels)
+        documented = documented_metrics()
+        expected = {}
+        for name, (kind, labels) in documented.items():
+            for series_name in ([f"{name}{s}" for s in ("_bucket", "_count", "_sum")] if kind == "histogram"
+                                else [name]):
+                expected[series_name] = labels
+        assert len(documented) >= 4 and exported == expected
+
+        (score,) = prom.api("query", query='llm_quantization_quality_score{model="live"}')["result"]
+        assert float(score["value"][1]) == result["quality_score"]
+        alerts = prom.api("query", query='llm_quality_regression_alerts_total{model="live"}')["result"]
+        # Both severities exist (at 0 before any alert), so increase() sees the first one.
+        counted = scrape(exporter_url)
+        assert {a["metric"]["severity"]: float(a["value"][1]) for a in alerts} == {
+            sev: sample(counted, "llm_quality_regression_alerts", "llm_quality_regression_alerts_total",
+                        model="live", severity=sev) for sev in ("critical", "warning")}
+
+        used = set().union(*(selectors(r["expr"]) for r in alert_rules()), *(selectors(e) for e in panels))
+        assert any(s.startswith("vllm:") for s in used) and any(s.startswith("llm_") for s in used)
+        missing = {s for s in used if not prom.api("series", **{"match[]": s})}
+        assert missing == set(), "series the shipped rules or dashboard select that no target exports"
+
+        def evaluated():
+            rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+            return all(r["health"] != "unknown" for r in rules) and rules
+
+        rules = prom.wait_for(evaluated, "every rule to be evaluated once", 60)
+        assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
+        assert [(r["name"], r["health"], r.get("lastError", "")) for r in rules if r["health"] != "ok"] == []
+        # Probes all answered (score 1.0): the quality alert is not even pending.
+        assert {r["name"]: r["state"] for r in rules}["QuantizedModelQualityLow"] == "inactive"
+    assert prom.proc.returncode is not None  # stopped, not left running
 
 
 def destroy(model_dir, out):
