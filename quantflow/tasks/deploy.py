@@ -66,7 +66,7 @@ def use_proxy(cfg: DeployConfig) -> bool:
     return False
 
 
-def proxy_of(cfg: DeployConfig, name: str, active: dict | None) -> NginxProxy | None:
+def proxy_of(cfg: DeployConfig, active: dict | None) -> NginxProxy | None:
     """The deployment's running nginx if it listens where the config says, else None."""
     rec = (active or {}).get("proxy")
     if rec:
@@ -131,7 +131,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
     with registry.locked(name):
         active = registry.active(name)
         proxied = use_proxy(deploy)
-        proxy = proxy_of(deploy, name, active) if proxied else None
+        proxy = proxy_of(deploy, active) if proxied else None
         if active and not server_of(active).alive():
             log.warning("deploy: recorded server for %s (pid %s) is gone", name, active["pid"])
             if proxy is None:
