@@ -34,13 +34,14 @@ $(SERVE_VENV)/.installed: requirements/serving.txt | $(UV)
 setup: $(VENV)/.installed $(SERVE_VENV)/.installed
 serve-env: $(SERVE_VENV)/.installed
 
-demo: setup
+demo: setup system-packages
 	$(QF) demo
 
 stop:
 	@if [ -x $(QF) ]; then $(QF) stop; fi
 
-# nginx and prometheus from Debian, for the stable-endpoint and alert-rule tests.
+# nginx and prometheus from Debian: nginx keeps the demo's endpoint at one address through
+# rollouts; the stable-endpoint and alert-rule tests start both.
 system-packages:
 	scripts/system-packages.sh
 

@@ -244,7 +244,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from quantflow.serving.registry import DeploymentRegistry
 
     for record in DeploymentRegistry().stop_all():
-        print(f"stopped vLLM server {record['name']} ({record['base_url']})")
+        via = f", and its nginx at {record['base_url']}" if record.get("proxy") else ""
+        print(f"stopped vLLM server {record['name']} ({record.get('upstream_url', record['base_url'])}{via})")
     if stop_exporter():
         print("stopped the metrics exporter")
     from quantflow.platform.local import running_platform

@@ -220,3 +220,19 @@ def live_deployment(validated_served):
     from helpers import stop_deployment
 
     stop_deployment("live")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_nginx_left():
+    """After the session: no nginx master this session's deployments started (their
+    prefixes are under its state folder) keeps running, even one no record names."""
+    yield
+    import psutil
+
+    from quantflow.processes import stop_groups
+
+    prefix = str(_SESSION_STATE / "proxy")
+    masters = [{"pid": p.pid, "create_time": p.info["create_time"]}
+               for p in psutil.process_iter(["cmdline", "create_time"])
+               if "nginx: master" in " ".join(p.info["cmdline"] or []) and prefix in " ".join(p.info["cmdline"])]
+    stop_groups(masters)

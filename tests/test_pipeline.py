@@ -105,7 +105,11 @@ def test_flow_deploys_then_reruns_from_cache(prefect_server, config_factory):
         assert second["wall_s_excluding_deploy"] * 5 <= summary["wall_s_excluding_deploy"], (
             second["wall_s_excluding_deploy"], summary["wall_s_excluding_deploy"])
         redeployed = json.loads((out / "deployment.json").read_text())
-        assert redeployed["port"] != deployment["port"]  # blue/green: the new one took the other port
+        if deployment.get("proxy"):  # nginx (deploy.proxy auto, installed): one address, a new server behind it
+            assert redeployed["base_url"] == deployment["base_url"]
+            assert redeployed["upstream_url"] != deployment["upstream_url"]
+        else:  # no nginx here: blue/green on ports, the new one took the other port
+            assert redeployed["port"] != deployment["port"]
         assert server_processes(first_pid) == []  # the old server was stopped, nothing orphaned
         assert first_word(complete(redeployed["base_url"], redeployed["served_model_name"],
                                    cfg.deploy.health.prompt, 4)) in accepted

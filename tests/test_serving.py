@@ -30,11 +30,12 @@ CPU_SERVING = DeployConfig(dtype="bfloat16", max_model_len=256, cpu_kv_cache_gib
                            startup_timeout_s=300)
 
 
-def vllm_on_port(port: int) -> list[int]:
+def vllm_serving_dir(model_dir: str) -> list[int]:
+    """pids of vLLM API servers serving this checkpoint folder (this session's own)."""
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "vllm.entrypoints.openai.api_server" in cmd and str(port) in cmd:
+        if "vllm.entrypoints.openai.api_server" in cmd and model_dir in cmd:
             found.append(p.info["pid"])
     return found
 
@@ -94,7 +95,6 @@ def quantized_answer(model_dir: str, prompt: str, max_tokens: int) -> str:
 
 def test_failed_rollout_keeps_the_live_server(live_deployment, validated_served):
     v = validated_served
-    live_port = live_deployment["port"]
     # A server that cannot start: a context longer than the model's 512 positions.
     broken = live_deployment["deploy"].model_copy(update={"max_model_len": 100_000})
     with pytest.raises(StageError) as err:
@@ -106,7 +106,7 @@ def test_failed_rollout_keeps_the_live_server(live_deployment, validated_served)
     golden = golden_for(v["checkpoint"], "evaluated when the", 4)
     assert first_word(complete(live_deployment["base_url"], live_deployment["served_model_name"],
                                "evaluated when the", 4, live_deployment["key"])) == first_word(golden)
-    assert vllm_on_port(live_port + 1) == [] and vllm_on_port(live_port - 1) == []  # no orphans
+    assert vllm_serving_dir(live_deployment["model_dir"]) == [live_deployment["pid"]]  # no orphan
 
 
 def _release_copy(v, tmp_path):

@@ -47,9 +47,16 @@ class DeployConfig(StrictModel):
     backend: Literal["local", "kubernetes"] = "local"
     # Name clients use in "model": …; default: the quantized model's directory label.
     served_model_name: str | None = None
+    # The address clients use. With a proxy (nginx) it stays the same through rollouts:
+    # nginx listens here and vLLM servers listen on loopback ports of their own.
     host: str = "127.0.0.1"
-    # Blue/green: the new server takes this port, or port + 1 while the old one holds it.
+    # Without a proxy (blue/green on ports): the new server takes this port, or port + 1
+    # while the old one holds it, so the address changes with each rollout.
     port: int = Field(default=8000, ge=1024, le=65534)
+    # "auto": nginx when it is installed (make system-packages), else no proxy, with a
+    # warning that the address changes per rollout. "nginx" refuses to deploy without it.
+    # Local backend only (a Kubernetes Service is the stable address there).
+    proxy: Literal["auto", "nginx", "none"] = "auto"
     # Environment variable holding the API key (never put the key itself in config or
     # parameters). A server bound beyond loopback without a key is refused.
     api_key_env: str = "QUANTFLOW_API_KEY"

@@ -196,8 +196,13 @@ def server_of(record: dict) -> VllmServer:
     return VllmServer(spec, pid=record["pid"], create_time=record.get("create_time"))
 
 
-def stop_record(record: dict) -> None:
+def stop_record(record: dict, proxy: bool = True) -> None:
+    """Stop a deployment's server and, unless a rollout keeps it (proxy=False), its nginx."""
     server_of(record).stop()
+    if proxy:
+        from quantflow.serving.proxy import stop_proxy
+
+        stop_proxy(record)
 
 
 class ServerFailed(Exception):

@@ -1,9 +1,12 @@
 """Stage 5: pre-flight, start vLLM beside the live server, health-check, then switch.
 
-Blue/green on one host: the new server takes deploy.port (or port + 1 while the live one
-holds it). The live server keeps serving until the new one has answered /health,
-/v1/models and a real completion; only then is it recorded as active and the old one
-stopped. A failed candidate is stopped and the flow fails with its log tail.
+Blue/green on one host. With a proxy (deploy.proxy, nginx) clients keep one address: the
+new server listens on a loopback port of its own, and once it has answered /health,
+/v1/models and a real completion, nginx is pointed at it, the old nginx workers finish
+what they serve, and only then is the old server stopped (serving/proxy.py). Without a
+proxy the new server takes deploy.port (or port + 1 while the live one holds it), so the
+address changes. A failed candidate is stopped, the live server keeps serving, and the
+flow fails with the log tail.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from quantflow.serving.gate import verify_release
 from quantflow.serving.health import CompletionsClient, HealthCheckFailed, check_endpoint
 from quantflow.serving.process import (ServerFailed, ServerSpec, VllmServer, is_loopback, port_free,
                                        server_of, stop_record, vllm_args)
+from quantflow.serving.proxy import (INSTALL_HINT, NginxProxy, ProxyFailed, internal_port, nginx_binary,
+                                     stop_proxy)
 from quantflow.serving.registry import DeploymentRegistry, state_dir
 from quantflow.serving.schemes import scheme_of_checkpoint
 from quantflow.serving.temporary import serving_device
@@ -47,6 +52,28 @@ def choose_port(cfg: DeployConfig, active: dict | None) -> int:
             return port
     raise StageError(STAGE, f"ports {cfg.port} and {cfg.port + 1} are both in use",
                      "free one of them or set deploy.port to another pair")
+
+
+def use_proxy(cfg: DeployConfig) -> bool:
+    if cfg.proxy == "none":
+        return False
+    if nginx_binary():
+        return True
+    if cfg.proxy == "nginx":
+        raise StageError(STAGE, "deploy.proxy is 'nginx' but nginx is not installed", INSTALL_HINT)
+    log.warning("deploy: nginx is not installed, so the endpoint's address changes with each "
+                "rollout (ports %s and %s alternate); %s", cfg.port, cfg.port + 1, INSTALL_HINT)
+    return False
+
+
+def proxy_of(cfg: DeployConfig, active: dict | None) -> NginxProxy | None:
+    """The deployment's running nginx if it listens where the config says, else None."""
+    rec = (active or {}).get("proxy")
+    if rec:
+        proxy = NginxProxy.of_record(rec)
+        if proxy.alive() and (proxy.host, proxy.port) == (cfg.host, cfg.port):
+            return proxy
+    return None
 
 
 def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict, local: Path) -> str:
@@ -103,18 +130,27 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
     registry = DeploymentRegistry()
     with registry.locked(name):
         active = registry.active(name)
+        proxied = use_proxy(deploy)
+        proxy = proxy_of(deploy, active) if proxied else None
         if active and not server_of(active).alive():
             log.warning("deploy: recorded server for %s (pid %s) is gone", name, active["pid"])
+            if proxy is None:
+                stop_proxy(active)  # a proxy on another address (deploy.host/port changed)
             registry.clear(name)
             active = None
-        port = choose_port(deploy, active)
-        spec = ServerSpec(model_dir=str(local), served_model_name=served_name, host=deploy.host,
+        # Behind nginx only nginx is exposed; vLLM listens on loopback.
+        if proxied:
+            host, port = "127.0.0.1", internal_port()
+        else:
+            host, port = deploy.host, choose_port(deploy, active)
+        spec = ServerSpec(model_dir=str(local), served_model_name=served_name, host=host,
                           port=port, python=str(python), device=device,
                           log_path=str(state_dir() / "servers" / f"{name}-{port}.log"),
                           args=vllm_args(deploy, device, deploy.max_model_len))
         log.info("deploy: starting %s on %s (%s %s)", quantized.label, spec.base_url,
                  info["flavor"], info["vllm_version"])
         server = VllmServer(spec).start(api_key(deploy))
+        keeps = f"{active['base_url']} keeps serving" if active else "nothing was serving before"
         try:
             server.wait_healthy(deploy.startup_timeout_s, progress=log.info)
             client = CompletionsClient(spec.base_url, served_name, api_key(deploy),
@@ -126,12 +162,25 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
         except (ServerFailed, HealthCheckFailed) as err:
             tail = getattr(err, "log_tail", None) or server.log_tail()
             server.stop()
-            keeps = f"{active['base_url']} keeps serving" if active else "nothing was serving before"
             raise StageError(STAGE, f"the new server failed its health check; {keeps}. "
                              f"{str(err).splitlines()[0]}\n--- server log ---\n{tail}") from None
         except BaseException:
             server.stop()
             raise
+        replaced_proxy = None
+        if proxied:
+            try:
+                proxy, replaced_proxy = route(deploy, name, proxy, active, port)
+            except ProxyFailed as err:
+                server.stop()
+                raise StageError(STAGE, f"nginx could not route {deploy.host}:{deploy.port} to the "
+                                 f"new server; {keeps}. {err}",
+                                 "the nginx log lines above say why; if deploy.port is in use, free it (a server "
+                                 "deployed before the proxy holds it: `quantflow stop`) or set deploy.port "
+                                 "to a free port") from None
+            except BaseException:
+                server.stop()
+                raise
         record = {**server.record(), "name": name, "label": quantized.label,
                   "checkpoint_sha256": quantized.checkpoint_sha256, "output_uri": output_uri,
                   "validation_report": validation.report_uri if validation else None,
@@ -140,13 +189,33 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                   "monitor": monitor.model_dump(mode="json") if monitor else None,
                   "auth": bool(api_key(deploy)), "api_key_env": deploy.api_key_env,
                   "golden": list(golden or []), "performance": expectation(report)}
+        if proxy is not None:
+            # Clients (and monitoring) use the stable address; the server's own is upstream_url.
+            record.update(base_url=proxy.base_url, upstream_url=spec.base_url, proxy=proxy.record())
         previous = registry.activate(name, record)
         if previous:
-            log.info("deploy: stopping previous server %s (pid %s)", previous["base_url"], previous["pid"])
-            stop_record(previous)
+            log.info("deploy: stopping previous server %s (pid %s)",
+                     previous.get("upstream_url", previous["base_url"]), previous["pid"])
+            # The proxy stays unless this rollout replaced it (another address, or none now).
+            stop_record(previous, proxy=replaced_proxy is not None or proxy is None)
     store.write_json("deployment.json", record)
-    log.info("deploy: %s live at %s", served_name, spec.base_url)
+    log.info("deploy: %s live at %s", served_name, record["base_url"])
     return record
+
+
+def route(cfg: DeployConfig, name: str, proxy: NginxProxy | None, active: dict | None,
+          port: int) -> tuple[NginxProxy, dict | None]:
+    """Send the stable address to the new server on `port`: reload the deployment's nginx,
+    or start one. Returns the proxy and the record of one it replaced (to stop later)."""
+    if proxy is not None:
+        log.info("deploy: switching %s to 127.0.0.1:%s (graceful nginx reload)", proxy.base_url, port)
+        # Old workers finish their requests first; vLLM's own timeout bounds the longest.
+        proxy.switch(port, drain_timeout_s=cfg.request_timeout_s + 10)
+        return proxy, None
+    proxy = NginxProxy(state_dir() / "proxy" / name, cfg.host, cfg.port)
+    log.info("deploy: starting nginx on %s for %s", proxy.base_url, name)
+    proxy.start(port, cfg.request_timeout_s)
+    return proxy, (active or {}).get("proxy")
 
 
 deploy_task = task(name=STAGE, **{**TASK_DEFAULTS, "retries": 0})(deploy_model)

@@ -1,0 +1,251 @@
+"""One stable address per local deployment: an nginx master in front of the live vLLM server.
+
+Clients keep `deploy.host:deploy.port` across rollouts. vLLM servers listen on loopback
+ports of their own; a rollout rewrites the upstream file and reloads nginx gracefully
+(SIGHUP): new connections go to the new server, the old workers finish the requests they
+hold and exit. Only when they are gone is the old vLLM stopped, so no request is cut.
+
+Each deployment name has its own prefix under the state folder (conf, pid file, logs,
+temp files), and its master runs detached in its own session like the vLLM servers.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from quantflow.processes import group_members, reused, start_detached, stop_groups
+
+log = logging.getLogger("quantflow.proxy")
+# nginx adds this to every answer: which vLLM server served it (rollouts check it).
+UPSTREAM_HEADER = "X-Quantflow-Upstream"
+INSTALL_HINT = ("install nginx-light (`make system-packages`, or apt-get install nginx-light), "
+                "or set deploy.proxy: none (the address then changes with each rollout)")
+
+
+class ProxyFailed(Exception):
+    pass
+
+
+def nginx_binary() -> str | None:
+    # /usr/sbin is not on a normal user's PATH, and that is where Debian installs nginx.
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
+    return shutil.which("nginx", path=path)
+
+
+def internal_port() -> int:
+    """A free loopback port for the next vLLM server (clients never see it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listen(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def render_conf(host: str, port: int, read_timeout_s: float, user: str | None) -> str:
+    timeout = int(read_timeout_s) + 30  # vLLM's own request timeout fires first
+    return f"""# Written by quantflow (serving/proxy.py); rewritten at each start.
+{f"user {user};" if user else ""}
+worker_processes 1;
+pid nginx.pid;
+error_log logs/error.log notice;
+events {{ worker_connections 1024; }}
+http {{
+    log_format upstream '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
+                        'upstream=$upstream_addr rt=$request_time';
+    access_log logs/access.log upstream;
+    client_body_temp_path tmp/body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+    client_max_body_size 64m;
+    client_body_buffer_size 1m;
+    include upstream.conf;
+    server {{
+        listen {_listen(host, port)};
+        location / {{
+            proxy_pass http://vllm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            # Streamed completions (SSE) reach the client token by token.
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout {timeout}s;
+            proxy_send_timeout {timeout}s;
+            # The default retries only requests not yet sent: a completion (POST) is never
+            # sent twice. One server in the group is never marked down.
+            add_header {UPSTREAM_HEADER} $upstream_addr always;
+        }}
+    }}
+}}
+"""
+
+
+def render_upstream(upstream_port: int) -> str:
+    # keepalive_timeout below uvicorn's 5 s keep-alive: nginx never reuses a connection
+    # vLLM is closing (that request would fail, and a POST is not retried).
+    return (f"upstream vllm {{\n    server 127.0.0.1:{upstream_port};\n    keepalive 32;\n"
+            f"    keepalive_timeout 4s;\n}}\n")
+
+
+class NginxProxy:
+    def __init__(self, prefix: Path, host: str, port: int, pid: int | None = None,
+                 create_time: float | None = None):
+        self.prefix = prefix
+        self.host = host
+        self.port = port
+        self.pid = pid
+        self.create_time = create_time
+
+    @classmethod
+    def of_record(cls, rec: dict) -> "NginxProxy":
+        return cls(Path(rec["prefix"]), rec["host"], rec["port"], rec.get("pid"), rec.get("create_time"))
+
+    @property
+    def base_url(self) -> str:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def record(self) -> dict:
+        return {"kind": "nginx", "prefix": str(self.prefix), "host": self.host, "port": self.port,
+                "pid": self.pid, "create_time": self.create_time, "base_url": self.base_url}
+
+    def _cmd(self, *extra: str) -> list[str]:
+        binary = nginx_binary()
+        if binary is None:
+            raise ProxyFailed(f"nginx is not installed: {INSTALL_HINT}")
+        return [binary, "-p", str(self.prefix) + "/", "-c", "nginx.conf", "-e", "logs/error.log", *extra]
+
+    def alive(self) -> bool:
+        if not self.pid or reused(self.pid, self.create_time):
+            return False
+        return self.pid in group_members(self.pid)
+
+    def upstream_port(self) -> int | None:
+        try:
+            text = (self.prefix / "upstream.conf").read_text()
+        except OSError:
+            return None
+        return int(text.split("server 127.0.0.1:", 1)[1].split(";", 1)[0])
+
+    def _write(self, name: str, text: str) -> None:
+        tmp = self.prefix / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.prefix / name)  # nginx never reads half a file
+
+    def _test_conf(self) -> None:
+        done = subprocess.run(self._cmd("-t", "-q"), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ProxyFailed(f"nginx rejected {self.prefix / 'nginx.conf'}: "
+                              f"{(done.stderr or done.stdout).strip()}")
+
+    def error_tail(self, lines: int = 8) -> str:
+        text = ""
+        for f in ("logs/error.log", "logs/nginx.out"):
+            try:
+                text += (self.prefix / f).read_text(errors="replace")
+            except OSError:
+                pass
+        return "\n".join(text.strip().splitlines()[-lines:]) or "(no nginx log)"
+
+    def start(self, upstream_port: int, read_timeout_s: float) -> "NginxProxy":
+        for sub in ("logs", "tmp"):
+            (self.prefix / sub).mkdir(parents=True, exist_ok=True)
+        # As root, nginx would run its workers as nobody, who cannot write the temp folder
+        # under a private state folder: they run as the user who deployed instead.
+        user = getpass.getuser() if os.geteuid() == 0 else None
+        self._write("nginx.conf", render_conf(self.host, self.port, read_timeout_s, user))
+        self._write("upstream.conf", render_upstream(upstream_port))
+        self._test_conf()
+        env = {k: v for k, v in os.environ.items() if k.startswith(("PATH", "LANG", "LC_"))}
+        # daemon off: the master is the process start_detached made (group leader, pid known).
+        proc, started = start_detached(self._cmd("-g", "daemon off;"), self.prefix / "logs" / "nginx.out", env)
+        self.pid, self.create_time = started["pid"], started["create_time"]
+        try:
+            self.wait_serving(upstream_port, timeout_s=30, proc=proc)
+        except ProxyFailed:
+            self.stop()
+            raise
+        return self
+
+    def wait_serving(self, upstream_port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+        """Until an answer through the stable address came from 127.0.0.1:upstream_port."""
+        want = f"127.0.0.1:{upstream_port}"
+        deadline = time.monotonic() + timeout_s
+        seen = None
+        while time.monotonic() < deadline:
+            if (proc is not None and proc.poll() is not None) or not self.alive():
+                raise ProxyFailed(f"nginx for {self.base_url} exited:\n{self.error_tail()}")
+            try:
+                # A fresh connection each time: a kept-alive one may still be an old worker's.
+                r = httpx.get(self.base_url + "/health", timeout=5, headers={"Connection": "close"})
+                seen = f"HTTP {r.status_code} from {r.headers.get(UPSTREAM_HEADER)}"
+                if r.headers.get(UPSTREAM_HEADER) == want and r.status_code == 200:
+                    return
+            except httpx.HTTPError as err:
+                seen = repr(err)
+            time.sleep(0.2)
+        raise ProxyFailed(f"{self.base_url} did not answer from {want} within {timeout_s:.0f}s "
+                          f"(last: {seen})\n{self.error_tail()}")
+
+    def workers(self) -> set[int]:
+        try:
+            return {p.pid for p in psutil.Process(self.pid).children()}
+        except psutil.Error:
+            return set()
+
+    def switch(self, upstream_port: int, drain_timeout_s: float) -> None:
+        """Point the stable address at upstream_port, then wait for the old workers (and the
+        requests they still serve) to finish. On failure the previous upstream is restored."""
+        previous = self.upstream_port()
+        old_workers = self.workers()
+        self._write("upstream.conf", render_upstream(upstream_port))
+        try:
+            self._test_conf()
+            os.kill(self.pid, signal.SIGHUP)  # graceful reload
+            self.wait_serving(upstream_port, timeout_s=30)
+        except (ProxyFailed, OSError) as err:
+            if previous is not None:
+                self._write("upstream.conf", render_upstream(previous))
+                if self.alive():
+                    os.kill(self.pid, signal.SIGHUP)
+            raise ProxyFailed(str(err)) from None
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline and old_workers & self.workers():
+            time.sleep(0.2)
+        left = old_workers & self.workers()
+        if left:
+            log.warning("proxy: old nginx workers %s still busy after %.0fs; stopping the old "
+                        "server anyway", sorted(left), drain_timeout_s)
+
+    def stop(self) -> None:
+        if not self.pid:
+            return
+        stop_groups([{"pid": self.pid, "create_time": self.create_time}], waits=(10, 5, 5),
+                    on_wait=self._reap)
+        self._reap()
+
+    def _reap(self) -> None:
+        try:
+            os.waitpid(self.pid, os.WNOHANG)  # our own child (same process): no zombie left
+        except ChildProcessError:
+            pass
+
+
+def stop_proxy(record: dict) -> None:
+    if record.get("proxy"):
+        NginxProxy.of_record(record["proxy"]).stop()
