@@ -14,6 +14,7 @@ from prefect.states import Completed, Failed
 
 from quantflow.artifacts import read_json_uri
 from quantflow.config import CompletionCheck, PipelineConfig
+from quantflow.errors import DiskFullError
 from quantflow.flows.approval import wait_for_approval
 from quantflow.flows.stages import StageRecord, run_cached_stage
 from quantflow.reporting import checks_table, render_markdown
@@ -79,7 +80,10 @@ def quantize_pipeline(config: PipelineConfig) -> Any:
     try:
         return _pipeline(config, summary)
     except Exception as err:
-        summary.write("failed", failed_stage=getattr(err, "stage", None), error=str(err))
+        try:
+            summary.write("failed", failed_stage=getattr(err, "stage", None), error=str(err))
+        except DiskFullError:  # the summary is a courtesy; the stage's own error says why
+            log.warning("could not write pipeline_summary.json: the disk is full")
         raise
 
 

@@ -22,10 +22,10 @@ from pydantic import BaseModel
 
 from quantflow.manifests import (CalibrationManifest, CheckpointManifest, Manifest, QuantizedManifest,
                                  ValidationManifest)
-from quantflow.errors import StageError
+from quantflow.errors import DiskFullError, StageError
 from quantflow.profiling import measure
 from quantflow.artifacts import marker, outputs_match
-from quantflow.store import ArtifactStore
+from quantflow.store import ArtifactStore, is_disk_full
 from quantflow.tasks.calibration import calibration_task
 from quantflow.tasks.checkpoint import checkpoint_task
 from quantflow.tasks.quantize import quantize_task
@@ -96,22 +96,33 @@ def run_stage_task(name: str, output_uri: str, refresh: bool, kwargs: dict[str, 
     task_fn = task_fn.with_options(timeout_seconds=timeout_s) if timeout_s else task_fn
     t = task_fn.with_options(refresh_cache=True) if refresh else task_fn
     state: State = t(output_uri=output_uri, return_state=True, **kwargs)
-    manifest = _result(state, name, timeout_s)  # raises the stage's exception when it failed
+    manifest = _result(state, name, timeout_s, output_uri)  # raises the stage's exception when it failed
     hit = state.name == "Cached"
     if hit and (_missing_outputs(store, name, outputs) or not outputs_match(store, name, manifest)):
         log.info("%s: cached result no longer matches the files in %s; recomputing", name, output_uri)
         state = task_fn.with_options(refresh_cache=True)(output_uri=output_uri, return_state=True, **kwargs)
-        manifest, hit = _result(state, name, timeout_s), False
+        manifest, hit = _result(state, name, timeout_s, output_uri), False
     return manifest, hit, state.name
 
 
-def _result(state: State, stage: str, timeout_s: float | None) -> Manifest:
+def _result(state: State, stage: str, timeout_s: float | None, output_uri: str = "") -> Manifest:
     try:
         return state.result()
     except TaskRunTimeoutError:
         raise StageError(stage, f"ran longer than placement.stage_timeout_s={timeout_s:g}s and was "
                          "stopped (not retried)", "raise placement.stage_timeout_s, or send the "
                          "stage to a faster work pool (placement.pools)") from None
+    except Exception as err:
+        # A full disk surfaces from our writes (DiskFullError names the file) or from a
+        # library's (torch, safetensors): either way the stage wrote no marker, and the
+        # message must say "disk full", not a library's errno text.
+        if is_disk_full(err) and not isinstance(err, StageError):
+            what = err.problem if isinstance(err, DiskFullError) else str(err)
+            raise StageError(stage, f"the disk holding output_dir {output_uri} is full ({what})",
+                             "free space on that disk, or set output_dir to a folder on a disk "
+                             "with room; the stage wrote no marker, so none of its files is "
+                             "taken as a result") from err
+        raise
 
 
 def jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
