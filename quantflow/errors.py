@@ -51,6 +51,6 @@ class DiskFullError(QuantflowError):
 
     def __init__(self, path: str):
         self.path = path
-        self.problem = f"no space left on the disk while writing {path}; the partial file was removed"
+        self.problem = f"no space left on the disk while writing {path}; nothing partial was kept"
         super().__init__(f"{self.problem}\n  fix: free space on that disk, or set output_dir to a "
                          "folder on a disk with room")
