@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from quantflow.errors import ConfigError
+from quantflow.errors import ConfigError, InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_GATE = 0, 1, 2
 # Final state names of rejected runs (quantflow.flows.pipeline), without importing Prefect here.
@@ -164,7 +164,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from quantflow.config import load_config
 
     config = load_config(args.config, _overrides(args))
+    preflight(config, config.quant)
     return run_pipeline(config)
+
+
+def preflight(config, quant) -> None:
+    """Bad inputs end the run here: before Prefect starts, any model loads or any file is written."""
+    from quantflow.preflight import check_inputs
+
+    check_inputs(config, quant)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -176,6 +184,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                  "search.objective": args.objective, "search.concurrency": args.concurrency,
                  "validation.lm_eval.limit": args.limit}
     config = load_search_config(args.config, overrides)
+    preflight(config, None)
     return run_pipeline(config, flow_fn=quantize_search)
 
 
@@ -191,6 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config, note = choose_demo_scheme(config)
         if note:
             print(f"scheme: {note}", flush=True)
+    preflight(config, config.quant)
     return run_pipeline(config, note=note)
 
 
@@ -369,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ConfigError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except InputError as err:
+        print(f"error: {err}\n(refused before any stage ran: nothing was written or started)",
+              file=sys.stderr)
         return EXIT_FAILED
     except Exception as err:  # noqa: BLE001 - a message for a person; -v shows the traceback
         if args.verbose:

@@ -33,3 +33,24 @@ class TransientError(QuantflowError):
     def __init__(self, stage: str, cause: str):
         self.stage = stage
         super().__init__(f"[{stage}] {cause}")
+
+
+class InputError(QuantflowError):
+    """A bad input found by the pre-flight, before any stage ran: names the setting (or
+    file), why it cannot work, and the fix."""
+
+    def __init__(self, field: str, problem: str, fix: str):
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{field}: {problem}\n  fix: {fix}")
+
+
+class DiskFullError(QuantflowError):
+    """A write found no space left on its disk. Not transient: retrying fills the same disk."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.problem = f"no space left on the disk while writing {path}; nothing partial was kept"
+        super().__init__(f"{self.problem}\n  fix: free space on that disk, or set output_dir to a "
+                         "folder on a disk with room")

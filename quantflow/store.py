@@ -10,6 +10,7 @@ appear in config, parameters or logs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+
+from quantflow.errors import DiskFullError
 
 CHUNK = 8 * 1024 * 1024
 
@@ -82,6 +85,16 @@ def is_transient_storage_fault(exc: BaseException | None) -> bool:
     return False
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also as libraries that do not raise OSError report it (safetensors'
+    Rust writer says "StorageFull")."""
+    if isinstance(err, DiskFullError):
+        return True
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(s in str(err) for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -112,8 +125,10 @@ class ArtifactStore:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                 os.replace(tmp, dest)
-            except BaseException:
+            except BaseException as err:
                 Path(tmp).unlink(missing_ok=True)
+                if is_disk_full(err):
+                    raise DiskFullError(str(dest)) from err
                 raise
         return self.uri(rel)
 
@@ -150,7 +165,13 @@ class ArtifactStore:
         if _same_device(local_dir, dest.parent):
             os.rename(local_dir, staging)
         else:
-            shutil.copytree(local_dir, staging)
+            try:
+                shutil.copytree(local_dir, staging)
+            except BaseException as err:  # a partial copy must not stay beside the outputs
+                shutil.rmtree(staging, ignore_errors=True)
+                if is_disk_full(err) or isinstance(err, shutil.Error) and "No space left" in str(err):
+                    raise DiskFullError(str(dest)) from err
+                raise
         old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
         if dest.exists():
             os.rename(dest, old)

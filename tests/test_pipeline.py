@@ -224,7 +224,9 @@ def test_cli_exit_codes_and_requantizing_in_one_folder(prefect_server, config_fa
     assert report["label"] == "gptq-w4a16-g128" and report["overall_pass"]
     missing = run("--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "missing"))
     assert missing.returncode == 1
-    assert "FAILED in stage checkpoint" in missing.stderr and "does not exist" in missing.stderr
+    # refused by the pre-flight, before Prefect or any stage runs: nothing is written
+    assert "model.id" in missing.stderr and "does not exist" in missing.stderr
+    assert not (tmp_path / "missing").exists()
 
 
 @needs_serving

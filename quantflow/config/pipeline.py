@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import difflib
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from quantflow.config.base import StrictModel
 from quantflow.config.model import CalibrationConfig, ModelSpec
@@ -51,13 +53,34 @@ class PipelineConfig(StrictModel):
         return self
 
 
-def format_validation_error(err: ValidationError) -> list[str]:
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed where an unknown key `loc` sits, following nested config models."""
+    node: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # a list item: same model as the list's
+        field = node.model_fields.get(part) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if field is None:
+            return []
+        node = next((t for t in (field.annotation, *typing.get_args(field.annotation))
+                     if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if node is None:
+            args = [a for arg in typing.get_args(field.annotation) for a in typing.get_args(arg)]
+            node = next((t for t in args if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    if not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return []
+    return [*node.model_fields, *getattr(node, "legacy_keys", ())]
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
     problems = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (misspelt? see the configs/ examples for the valid keys)"
+            close = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(model, e["loc"]), n=1) if model else []
+            msg = (f"unknown key; did you mean {close[0]!r}?" if close else
+                   "unknown key (misspelt? see the configs/ examples for the valid keys)")
         elif e["type"] == "missing":
             msg = "required"
         problems.append(f"{where}: {msg}" if where and not msg.startswith(where) else msg)
@@ -86,7 +109,7 @@ def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None,
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, format_validation_error(err)) from None
+        raise ConfigError(source, format_validation_error(err, model)) from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ run on current torch/transformers).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -31,6 +31,9 @@ LEGACY_ALIASES = {"w_bit": "bits", "q_group_size": "group_size",
 
 
 class QuantConfig(StrictModel):
+    # AutoGPTQ/AutoAWQ spellings accepted besides the fields ("did you mean" suggests them too).
+    legacy_keys: ClassVar[tuple[str, ...]] = (*LEGACY_ALIASES, "zero_point", "desc_act")
+
     method: Method = "gptq"
     bits: int = 4
     group_size: int = 128

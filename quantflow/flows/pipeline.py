@@ -15,6 +15,7 @@ from prefect.states import Completed, Failed
 from quantflow.artifacts import read_json_uri
 from quantflow.config import CompletionCheck, PipelineConfig
 from quantflow.folder_claims import claim_output
+from quantflow.errors import DiskFullError
 from quantflow.flows.approval import wait_for_approval
 from quantflow.flows.stages import StageRecord, run_cached_stage
 from quantflow.reporting import checks_table, render_markdown
@@ -60,8 +61,12 @@ class Summary:
         record = getattr(err, "stage_record", None)  # the failing stage's record, with its attempts
         if record is not None:
             self.add(record)
-        return self.write("failed", failed_stage=getattr(err, "stage", None) or getattr(record, "stage", None),
-                          error=str(err))
+        try:
+            return self.write("failed", failed_stage=getattr(err, "stage", None) or getattr(record, "stage", None),
+                              error=str(err))
+        except DiskFullError:  # the summary is a courtesy; the stage's own error says why
+            log.warning("could not write pipeline_summary.json: the disk is full")
+            return {}
 
 
 def publish_report(config: PipelineConfig, report: dict) -> None:

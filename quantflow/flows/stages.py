@@ -22,10 +22,10 @@ from pydantic import BaseModel
 
 from quantflow.manifests import (CalibrationManifest, CheckpointManifest, Manifest, QuantizedManifest,
                                  ValidationManifest)
-from quantflow.errors import StageError
+from quantflow.errors import DiskFullError, StageError
 from quantflow.profiling import measure
 from quantflow.artifacts import changed_outputs, marker
-from quantflow.store import ArtifactStore
+from quantflow.store import ArtifactStore, is_disk_full
 from quantflow.tasks.calibration import calibration_task
 from quantflow.tasks.checkpoint import checkpoint_task
 from quantflow.tasks.policy import attempts_of
@@ -118,7 +118,7 @@ def run_stage_task(name: str, output_uri: str, refresh: bool, kwargs: dict[str, 
     t = task_fn.with_options(refresh_cache=True) if refresh else task_fn
     state: State = t(output_uri=output_uri, return_state=True, **kwargs)
     attempts = attempts_of(state.state_details.task_run_id)
-    manifest = _result(state, name, timeout_s, attempts)  # raises the stage's exception when it failed
+    manifest = _result(state, name, timeout_s, attempts, output_uri)  # raises the stage's exception when it failed
     hit = state.name == "Cached"
     changed = (_missing_outputs(store, name, outputs) or changed_outputs(store, name, manifest)) if hit else []
     if changed:
@@ -126,11 +126,12 @@ def run_stage_task(name: str, output_uri: str, refresh: bool, kwargs: dict[str, 
                     output_uri, ", ".join(changed))
         state = task_fn.with_options(refresh_cache=True)(output_uri=output_uri, return_state=True, **kwargs)
         attempts = attempts_of(state.state_details.task_run_id)  # the lookup computed nothing
-        manifest, hit = _result(state, name, timeout_s, attempts), False
+        manifest, hit = _result(state, name, timeout_s, attempts, output_uri), False
     return manifest, hit, state.name, attempts
 
 
-def _result(state: State, stage: str, timeout_s: float | None, attempts: int = 1) -> Manifest:
+def _result(state: State, stage: str, timeout_s: float | None, attempts: int = 1,
+            output_uri: str = "") -> Manifest:
     try:
         return state.result()
     except TaskRunTimeoutError:
@@ -141,6 +142,17 @@ def _result(state: State, stage: str, timeout_s: float | None, attempts: int = 1
         raise err from None
     except Exception as err:
         err.attempts = attempts  # type: ignore[attr-defined]
+        # A full disk surfaces from our writes (DiskFullError names the file) or from a
+        # library's (torch, safetensors): either way the stage wrote no marker, and the
+        # message must say "disk full", not a library's errno text.
+        if is_disk_full(err) and not isinstance(err, StageError):
+            what = err.problem if isinstance(err, DiskFullError) else str(err)
+            full = StageError(stage, f"the disk holding output_dir {output_uri} is full ({what})",
+                              "free space on that disk, or set output_dir to a folder on a disk "
+                              "with room; the stage wrote no marker, so none of its files is "
+                              "taken as a result")
+            full.attempts = attempts  # type: ignore[attr-defined]
+            raise full from err
         raise
 
 

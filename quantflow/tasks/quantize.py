@@ -17,6 +17,7 @@ from quantflow.config import ModelSpec, QuantConfig
 from quantflow.errors import StageError
 from quantflow.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest
 from quantflow.profiling import measure
+from quantflow.quantization.group_size import group_size_problem
 from quantflow.quantization.recipes import recipe_yaml
 from quantflow.quantization.runner import quantize
 from quantflow.store import ArtifactStore, tree_sha256
@@ -28,8 +29,15 @@ STAGE = "quantize"
 OUTPUT = "quantized_model"
 
 
-def preflight(quant: QuantConfig, calibration: CalibrationManifest | None) -> str:
+def preflight(quant: QuantConfig, calibration: CalibrationManifest | None,
+              model_dir: Path | None = None) -> str:
     """Refuse before loading anything when the run cannot succeed."""
+    if model_dir is not None and (model_dir / "config.json").is_file():
+        # The CLI checks this before stage 1 for local folders; a hub checkpoint (or a run
+        # submitted to a work pool) is first seen here.
+        problem = group_size_problem(quant, read_config(model_dir))
+        if problem:
+            raise StageError(STAGE, f"quant.group_size: {problem[0]}", problem[1])
     if quant.device == "cuda" and not torch.cuda.is_available():
         raise StageError(STAGE, "quant.device is 'cuda' but this machine has no usable GPU "
                          "(torch.cuda.is_available() is False)",
@@ -67,7 +75,7 @@ def _copy_prequantized(quant: QuantConfig, dest: Path) -> str:
 def quantize_model(quant: QuantConfig, checkpoint: CheckpointManifest,
                    calibration: CalibrationManifest | None, output_uri: str) -> QuantizedManifest:
     store = ArtifactStore(output_uri)
-    device = preflight(quant, calibration)
+    device = preflight(quant, calibration, Path(checkpoint.local_path))
     begin_outputs(store, STAGE)
     scratch = store.scratch_dir(OUTPUT)
     try:
