@@ -102,6 +102,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
     served_name = deploy.served_model_name or name
     registry = DeploymentRegistry()
     with registry.locked(name):
+        registry.reap_starting(name)  # servers a killed rollout left starting, never recorded
         active = registry.active(name)
         if active and not server_of(active).alive():
             log.warning("deploy: recorded server for %s (pid %s) is gone", name, active["pid"])
@@ -114,6 +115,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                           args=vllm_args(deploy, device, deploy.max_model_len))
         log.info("deploy: starting %s on %s (%s %s)", quantized.label, spec.base_url,
                  info["flavor"], info["vllm_version"])
+        registry.begin_start(name, spec)  # if this process dies now, the next deploy stops it
         server = VllmServer(spec).start(api_key(deploy))
         try:
             server.wait_healthy(deploy.startup_timeout_s, progress=log.info)
