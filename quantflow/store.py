@@ -169,6 +169,7 @@ class ArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
+
 def _remove_dead_scratch(dest: Path) -> None:
     """Delete build folders of `dest` whose builder process on this host is gone (a stage
     killed with -9 never reaches its cleanup). A live builder's folder is left alone: another
