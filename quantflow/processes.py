@@ -75,3 +75,39 @@ def stop_groups(records: list[dict], waits: tuple[float, ...] = (10, 5, 5),
             if on_wait:
                 on_wait()
             time.sleep(0.2)
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Live processes started with `key=value` in their environment. A tag in the
+    environment is inherited by every child and is there from exec on, so it finds a
+    server even when its starter died before it could write the pid down."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().split(") ", 1)[1].split()[0]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def stop_tagged(key: str, value: str) -> list[int]:
+    """Stop the process groups of every process tagged `key=value`; returns their pids."""
+    pids = processes_with_env(key, value)
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    groups.discard(os.getpgrp())  # tagged servers run in their own sessions; never our own group
+    stop_groups([{"pid": g} for g in sorted(groups)])
+    return pids

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -185,7 +186,11 @@ class ArtifactStore:
             return Path(tempfile.mkdtemp(prefix="quantflow-"))
         dest = Path(self._path(rel))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.build-", dir=dest.parent))
+        _remove_dead_scratch(dest)
+        # The builder's pid and host are in the name: a folder left by a killed stage is
+        # recognisable (a shared filesystem may hold other hosts' builds).
+        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.build-{os.getpid()}@{socket.gethostname()}.",
+                                     dir=dest.parent))
 
     def signature(self, rel: str) -> dict[str, Any]:
         """What a stored file looks like now, cheaply: on S3 its size and ETag (a fresh
@@ -250,6 +255,18 @@ class ArtifactStore:
             json.dump(remote, f)
         os.replace(tmp_source, source)
         return dest
+
+
+def _remove_dead_scratch(dest: Path) -> None:
+    """Delete build folders of `dest` whose builder process on this host is gone (a stage
+    killed with -9 never reaches its cleanup). A live builder's folder is left alone: another
+    run with other settings may be building into the same output folder."""
+    for old in dest.parent.glob(f".{dest.name}.build-*@*"):
+        pid, _, rest = old.name.removeprefix(f".{dest.name}.build-").partition("@")
+        if (pid.isdigit() and rest.rpartition(".")[0] == socket.gethostname()
+                and not Path(f"/proc/{pid}").exists()):
+            shutil.rmtree(old, ignore_errors=True)
+
 
 def _same_device(a: Path, b: Path) -> bool:
     try:

@@ -129,6 +129,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
     served_name = deploy.served_model_name or name
     registry = DeploymentRegistry()
     with registry.locked(name):
+        registry.reap_starting(name)  # servers a killed rollout left starting, never recorded
         active = registry.active(name)
         proxied = use_proxy(deploy)
         proxy = proxy_of(deploy, active) if proxied else None
@@ -149,6 +150,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                           args=vllm_args(deploy, device, deploy.max_model_len))
         log.info("deploy: starting %s on %s (%s %s)", quantized.label, spec.base_url,
                  info["flavor"], info["vllm_version"])
+        registry.begin_start(name, spec)  # if this process dies now, the next deploy stops it
         server = VllmServer(spec).start(api_key(deploy))
         keeps = f"{active['base_url']} keeps serving" if active else "nothing was serving before"
         try:
