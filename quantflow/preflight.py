@@ -207,7 +207,7 @@ def check_s3(uri: str) -> None:
     except PermissionError as err:
         raise InputError("output_dir", f"{endpoint} refused these credentials for s3://{bucket} "
                          f"({err})", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
-                         f"to credentials that may write to the bucket") from None
+                         "to credentials that may write to the bucket") from None
     except Exception as err:  # noqa: BLE001 - botocore's own classes (no credentials, no endpoint)
         name = type(err).__name__
         if name == "NoCredentialsError":

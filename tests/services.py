@@ -104,3 +104,35 @@ def production_services(prefix: str, redis_db: int = REDIS_TEST_DB) -> Iterator[
     finally:
         drop_database(database)
         flush_redis(redis_db)
+
+
+@contextmanager
+def moto_server(checks_credentials: bool = False) -> Iterator[str]:
+    """A local S3-API server (moto) on a free port, answering before this yields its URL.
+    checks_credentials: unknown keys are refused (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if checks_credentials else {})}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                             "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import yaml
 from conftest import free_port, free_port_pair
 from quantflow.cli import main
 from quantflow.serving.registry import DeploymentRegistry
+from services import moto_server
 
 BUCKET = "quantflow-bad-inputs"
 
@@ -292,32 +292,14 @@ def test_public_server_without_api_key_is_refused_before_any_stage(inputs, tmp_p
 
 # --- S3: malformed URIs, a missing bucket, bad credentials -----------------------------------
 
-def _moto(port: int, auth: bool) -> subprocess.Popen:
-    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else {})}
-    return subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                             "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-
-
 @pytest.fixture(scope="module")
 def s3_servers():
     """Two local S3-API servers (moto): one that takes any credentials and has a bucket, and
     one that checks them (INITIAL_NO_AUTH_ACTION_COUNT=0: unknown keys are refused)."""
-    ports = {"open": free_port(), "checked": free_port()}
-    procs = [_moto(ports["open"], False), _moto(ports["checked"], True)]
-    urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
-    for url in urls.values():
-        for _ in range(150):
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-    httpx.put(f"{urls['open']}/{BUCKET}", timeout=10).raise_for_status()
-    yield urls
-    for proc in procs:
-        proc.terminate()
-        proc.wait(10)
+    with moto_server() as open_url, moto_server(checks_credentials=True) as checked_url:
+        urls = {"open": open_url, "checked": checked_url}
+        httpx.put(f"{urls['open']}/{BUCKET}", timeout=10).raise_for_status()
+        yield urls
 
 
 S3_CASES = [

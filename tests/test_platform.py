@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,7 +25,7 @@ import yaml
 
 from conftest import REPO, free_port
 from quantflow.submit import PrefectREST
-from services import pg_query, production_services, services_reason
+from services import moto_server, pg_query, production_services, services_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 AUTH = "admin:quantflow-test"
@@ -35,21 +34,9 @@ BUCKET = "quantflow-ci"
 
 @pytest.fixture(scope="module")
 def s3_env():
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    for _ in range(100):
-        try:
-            httpx.get(env["AWS_ENDPOINT_URL"], timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    yield env
-    proc.terminate()
-    proc.wait(10)
+    with moto_server() as url:
+        yield {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}
 
 
 class Webhook:

@@ -7,19 +7,15 @@ from __future__ import annotations
 import io
 import json
 import logging
-import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import free_port, make_config
+from conftest import make_config
 from fault_proxy import FaultProxy
 from quantflow.errors import StageError
 from quantflow.store import digest_of
+from services import moto_server
 
 pytestmark = [pytest.mark.slow]
 BUCKET = "quantflow-faults"
@@ -60,20 +56,8 @@ def test_negative_retry_delay_is_refused_naming_the_field(tmp_path):
 
 @pytest.fixture(scope="module")
 def moto_url():
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(150):
-        try:
-            httpx.get(url, timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture

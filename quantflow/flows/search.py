@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.states import Completed, Failed
+from prefect.states import Failed
 
 from quantflow.artifacts import read_json_uri
 from quantflow.config.search import Candidate, SearchConfig

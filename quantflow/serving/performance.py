@@ -21,7 +21,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from quantflow.config import DeployConfig, PerformanceCheck
 from quantflow.errors import StageError

@@ -162,7 +162,10 @@ class NginxProxy:
                 pass
         return "\n".join(text.strip().splitlines()[-lines:]) or "(no nginx log)"
 
-    def start(self, upstream_port: int, read_timeout_s: float) -> "NginxProxy":
+    def start(self, upstream_port: int, read_timeout_s: float,
+              tag: dict[str, str] | None = None) -> "NginxProxy":
+        """`tag`: the rollout's QUANTFLOW_SERVER_TAG, so that if the deploying process dies
+        before the deployment is recorded, the next deploy stops this nginx with its server."""
         for sub in ("logs", "tmp"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
         # As root, nginx would run its workers as nobody, who cannot write the temp folder
@@ -172,6 +175,7 @@ class NginxProxy:
         self._write("upstream.conf", render_upstream(upstream_port))
         self._test_conf()
         env = {k: v for k, v in os.environ.items() if k.startswith(("PATH", "LANG", "LC_"))}
+        env.update(tag or {})
         # daemon off: the master is the process start_detached made (group leader, pid known).
         proc, started = start_detached(self._cmd("-g", "daemon off;"), self.prefix / "logs" / "nginx.out", env)
         self.pid, self.create_time = started["pid"], started["create_time"]

@@ -31,7 +31,7 @@ from quantflow.serving.process import (ServerFailed, ServerSpec, VllmServer, is_
                                        server_of, stop_record, vllm_args)
 from quantflow.serving.proxy import (INSTALL_HINT, NginxProxy, ProxyFailed, internal_port, nginx_binary,
                                      stop_proxy)
-from quantflow.serving.registry import DeploymentRegistry, state_dir
+from quantflow.serving.registry import SERVER_TAG_ENV, DeploymentRegistry, state_dir
 from quantflow.serving.schemes import scheme_of_checkpoint
 from quantflow.serving.temporary import serving_device
 from quantflow.store import ArtifactStore
@@ -150,7 +150,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                           args=vllm_args(deploy, device, deploy.max_model_len))
         log.info("deploy: starting %s on %s (%s %s)", quantized.label, spec.base_url,
                  info["flavor"], info["vllm_version"])
-        registry.begin_start(name, spec)  # if this process dies now, the next deploy stops it
+        tag = registry.begin_start(name, spec)  # if this process dies now, the next deploy stops it
         server = VllmServer(spec).start(api_key(deploy))
         keeps = f"{active['base_url']} keeps serving" if active else "nothing was serving before"
         try:
@@ -172,7 +172,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
         replaced_proxy = None
         if proxied:
             try:
-                proxy, replaced_proxy = route(deploy, name, proxy, active, port)
+                proxy, replaced_proxy = route(deploy, name, proxy, active, port, tag)
             except ProxyFailed as err:
                 server.stop()
                 raise StageError(STAGE, f"nginx could not route {deploy.host}:{deploy.port} to the "
@@ -206,7 +206,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
 
 
 def route(cfg: DeployConfig, name: str, proxy: NginxProxy | None, active: dict | None,
-          port: int) -> tuple[NginxProxy, dict | None]:
+          port: int, tag: str) -> tuple[NginxProxy, dict | None]:
     """Send the stable address to the new server on `port`: reload the deployment's nginx,
     or start one. Returns the proxy and the record of one it replaced (to stop later)."""
     if proxy is not None:
@@ -216,7 +216,7 @@ def route(cfg: DeployConfig, name: str, proxy: NginxProxy | None, active: dict |
         return proxy, None
     proxy = NginxProxy(state_dir() / "proxy" / name, cfg.host, cfg.port)
     log.info("deploy: starting nginx on %s for %s", proxy.base_url, name)
-    proxy.start(port, cfg.request_timeout_s)
+    proxy.start(port, cfg.request_timeout_s, tag={SERVER_TAG_ENV: tag})
     return proxy, (active or {}).get("proxy")
 
 
