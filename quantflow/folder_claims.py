@@ -65,7 +65,7 @@ def _listing_lock(store: ArtifactStore) -> Iterator[None]:
         return
     folder = Path(store.root) / CLAIMS
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as fh:
+    with open(folder / "claims.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
