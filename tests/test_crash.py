@@ -167,12 +167,18 @@ def test_kill_during_checkpoint(crash_run):
     assert stray_processes(run.out) == []
 
 
-def test_kill_during_calibration(crash_run):
-    """Calibration takes ~0.2 s on the demo data (24 kB of text; a larger num_samples only
-    repeats it), too short to aim inside. The kill comes as soon as the checkpoint stage's
-    result is committed, so it lands between that commit and calibration's end: the
-    window where calibration's outputs could be half-written."""
-    run = crash_run()
+def test_kill_during_calibration(crash_run, tmp_path):
+    """Calibration takes ~0.2 s on the demo data (24 kB of text), too short to aim inside.
+    Here it reads a 150 MB calibration file (the demo text, numbered, 6000 times): hashing it
+    for the cache key and parsing it keep the stage busy for over a second after stage 1's
+    result is committed, which is when the kill comes."""
+    lines = [json.loads(line)["text"] for line in
+             Path(".cache/demo/data/calibration.jsonl").read_text().splitlines() if line.strip()]
+    big = tmp_path / "calibration-large.jsonl"
+    with big.open("w") as fh:
+        for i in range(6000):
+            fh.writelines(json.dumps({"text": f"{i} {text}"}) + "\n" for text in lines)
+    run = crash_run(calibration={"source": {"dataset": str(big)}})
     crash_and_rerun(run, "calibration", lambda: run.committed() >= 1)
     assert stray_processes(run.out) == []
 

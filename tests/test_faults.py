@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -12,32 +11,38 @@ from quantflow.errors import StageError
 from quantflow.flows.pipeline import quantize_pipeline
 
 pytestmark = [pytest.mark.slow]
+STAGES = ["checkpoint", "calibration", "quantize", "validate"]
 
 
 def test_stage_timeout_stops_the_stage_once_and_names_the_setting(prefect_server, config_factory):
-    """placement.stage_timeout_s is enforced in this process: stage 1 (several seconds on
-    the demo model) is stopped after 1 s, not retried, and the error names the stage and
-    the setting; nothing is deployed, and a rerun with time enough computes stage 1 afresh."""
-    cfg = config_factory(placement={"stage_timeout_s": 1}, validation={"lm_eval": {"enabled": False}},
+    """placement.stage_timeout_s is enforced in this process: the first stage that outlives
+    0.3 s (stage 1 loads and evaluates the model: about 1 s on a quiet 2-core host, several
+    under load; a warm one can finish it, and then calibration or quantize is the one) is
+    stopped, attempted once, and the error names it and the setting; nothing is deployed,
+    and a rerun with time enough takes the earlier stages from the cache and computes that
+    stage afresh."""
+    cfg = config_factory(placement={"stage_timeout_s": 0.3}, validation={"lm_eval": {"enabled": False}},
                          deploy={"enabled": False})
     out = Path(cfg.output_uri)
-    start = time.monotonic()
     state = quantize_pipeline(config=cfg, return_state=True)
-    elapsed = time.monotonic() - start
     assert state.is_failed()
-    with pytest.raises(StageError, match=r"\[checkpoint\] ran longer than placement.stage_timeout_s=1s"):
+    with pytest.raises(StageError, match=r"\[(checkpoint|calibration|quantize|validate)\] ran longer than "
+                                         r"placement.stage_timeout_s=0.3s and was stopped \(not retried\)") as err:
         state.result()
-    assert elapsed < 30, elapsed  # one attempt: the transient-fault retries wait 5 s, then 30 s
+    stopped = err.value.stage
     summary = json.loads((out / "pipeline_summary.json").read_text())
-    assert summary["outcome"] == "failed" and summary["failed_stage"] == "checkpoint"
-    assert summary["stages"]["checkpoint"]["attempts"] == 1 and summary["stages"]["checkpoint"]["state"] == "Failed"
+    assert summary["outcome"] == "failed" and summary["failed_stage"] == stopped
+    # One attempt: a timeout is not a transient fault (retries would wait 5 s, then 30 s).
+    assert summary["stages"][stopped]["attempts"] == 1 and summary["stages"][stopped]["state"] == "Failed"
     assert not (out / "deployment.json").exists() and not (out / "validation_report.json").exists()
+    before = STAGES[:STAGES.index(stopped)]
 
     again = quantize_pipeline(config=cfg.model_copy(update={"placement": cfg.placement.model_copy(
         update={"stage_timeout_s": 600})}), return_state=True)
     assert again.is_completed(), again.message
     summary = json.loads((out / "pipeline_summary.json").read_text())
-    assert summary["cache_hits"] == [] and summary["verdict"] == "pass"
+    assert summary["cache_hits"] == sorted(before) and summary["verdict"] == "pass"
+    assert summary["stages"][stopped]["cache_hit"] is False
 
 
 def test_validate_refuses_a_baseline_changed_after_stage_one(tmp_path, demo_dir):
