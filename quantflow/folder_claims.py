@@ -30,7 +30,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
-from quantflow.locks import DEFAULT_LEASE_S, _alive
+from quantflow.locks import _alive, lease_s
 from quantflow.store import ArtifactStore, digest_of
 
 log = logging.getLogger("quantflow.pipeline")
@@ -48,14 +48,10 @@ def settings_digest(config: BaseModel) -> str:
     return digest_of({"kind": type(config).__name__, "settings": data})
 
 
-def _lease_s() -> float:
-    return float(os.environ.get("QUANTFLOW_STAGE_LOCK_LEASE_S", DEFAULT_LEASE_S))
-
-
 def _live(claim: dict[str, Any]) -> bool:
     if claim.get("host") == socket.gethostname():
         return _alive(int(claim.get("pid", 0)))
-    return time.time() - float(claim.get("time", 0)) < _lease_s()
+    return time.time() - float(claim.get("time", 0)) < lease_s()
 
 
 @contextmanager

@@ -34,6 +34,11 @@ POLL_S = 1.0
 DEFAULT_LEASE_S = 6 * 3600
 
 
+def lease_s() -> float:
+    """How long a lock or claim from another host is trusted without news of its holder."""
+    return float(os.environ.get("QUANTFLOW_STAGE_LOCK_LEASE_S", DEFAULT_LEASE_S))
+
+
 def redis_configured() -> bool:
     from prefect.settings import Settings
 
@@ -217,7 +222,7 @@ class RedisLocks(_BlockingLocks):
 
 def stage_lock_manager() -> LockManager:
     if redis_configured():
-        return RedisLocks(float(os.environ.get("QUANTFLOW_STAGE_LOCK_LEASE_S", DEFAULT_LEASE_S)))
+        return RedisLocks(lease_s())
     from quantflow.store import cache_root
 
     return FileLocks(cache_root() / "locks")

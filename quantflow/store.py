@@ -170,7 +170,7 @@ class ArtifactStore:
                 shutil.copytree(local_dir, staging)
             except BaseException as err:  # a partial copy must not stay beside the outputs
                 shutil.rmtree(staging, ignore_errors=True)
-                if is_disk_full(err) or isinstance(err, shutil.Error) and "No space left" in str(err):
+                if is_disk_full(err):  # shutil.Error carries the errno text of each failed copy
                     raise DiskFullError(str(dest)) from err
                 raise
         old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")

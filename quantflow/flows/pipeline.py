@@ -69,6 +69,18 @@ class Summary:
             return {}
 
 
+def run_summarized(config: Any, body) -> Any:
+    """Run a flow's body holding its output folder, with pipeline_summary.json written on a
+    failure too (the pipeline and the search flow share this)."""
+    with claim_output(config, config.output_uri):  # before anything is written there
+        summary = Summary(config)
+        try:
+            return body(config, summary)
+        except Exception as err:
+            summary.failed(err)
+            raise
+
+
 def publish_report(config: PipelineConfig, report: dict) -> None:
     key = f"{config.name}-validation"
     create_markdown_artifact(key=key, markdown=render_markdown(report, None),
@@ -90,13 +102,7 @@ def _timed(stage: str, fn, **kwargs) -> tuple[Any, StageRecord]:
 @flow(name="quantize-pipeline", log_prints=False, validate_parameters=True)
 def quantize_pipeline(config: PipelineConfig) -> Any:
     """Quantize a checkpoint, validate it against its baseline and deploy it only if it passes."""
-    with claim_output(config, config.output_uri):  # before anything is written there
-        summary = Summary(config)
-        try:
-            return _pipeline(config, summary)
-        except Exception as err:
-            summary.failed(err)
-            raise
+    return run_summarized(config, _pipeline)
 
 
 def golden_prompts(config: PipelineConfig) -> list[CompletionCheck]:

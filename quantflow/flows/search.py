@@ -24,7 +24,6 @@ from quantflow.config.search import Candidate, SearchConfig
 from quantflow.errors import StageError
 from quantflow.flows.pipeline import (GATE_STATE, Summary, golden_prompts, perplexity_of, release,
                                       serving_inputs)
-from quantflow.folder_claims import claim_output
 from quantflow.flows.stages import StageRecord, run_cached_stage
 from quantflow.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest, ValidationManifest
 from quantflow.quantization.sensitivity import layer_pattern, render_sensitivity_chart
@@ -196,13 +195,7 @@ def _choose(config: SearchConfig, outcomes: list[dict]) -> dict | None:
 @flow(name="quantize-search", log_prints=False, validate_parameters=True)  # see flows/pipeline.py
 def quantize_search(config: SearchConfig) -> Any:
     """Try quantization candidates against the gate; deploy the one the search chooses."""
-    with claim_output(config, config.output_uri):  # before anything is written there
-        summary = Summary(config)
-        try:
-            return _search(config, summary)
-        except Exception as err:
-            summary.failed(err)
-            raise
+    return run_summarized(config, _search)
 
 
 def _search(config: SearchConfig, summary: Summary) -> Any:
