@@ -23,7 +23,7 @@ from quantflow.artifacts import read_json_uri
 from quantflow.config.search import Candidate, SearchConfig
 from quantflow.errors import StageError
 from quantflow.flows.pipeline import (GATE_STATE, Summary, golden_prompts, perplexity_of, release,
-                                      serving_inputs)
+                                      run_summarized, serving_inputs)
 from quantflow.flows.stages import StageRecord, run_cached_stage
 from quantflow.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest, ValidationManifest
 from quantflow.quantization.sensitivity import layer_pattern, render_sensitivity_chart
