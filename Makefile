@@ -5,15 +5,33 @@ SERVE_VENV := .venv-serve
 QF := $(VENV)/bin/quantflow
 PYTEST_ARGS ?=
 
-.PHONY: setup serve-env system-packages demo stop test test-fast up down benchmark benchmark-serving benchmark-platform benchmark-search quality-table clean
+.PHONY: setup serve-env print-install system-packages demo stop test test-fast up down benchmark benchmark-serving benchmark-platform benchmark-search quality-table clean
 
 # uv installs the pinned sets in seconds where pip took minutes (measured on this machine
-# kind: the serving set in 15 s with uv, 132 s with pip). torch's CPU build is the local
-# wheel pip's find-links points at (PIP_FIND_LINKS, /opt/wheels here); uv reads no pip config.
+# kind: the serving set in 15 s with uv, 132 s with pip). uv reads no pip config, so the
+# local wheel folder pip's find-links names (PIP_FIND_LINKS, else LOCAL_WHEELS where it
+# exists: /opt/wheels here) is passed to it.
+#
+# Where torch comes from: both sets pin its CPU build, torch==2.13.0+cpu, a version that only
+# PyTorch's CPU wheel index publishes (PyPI has none with the +cpu label).
+# - A local wheel folder holding that wheel (this machine kind: /opt/wheels): uv takes it
+#   from there and never asks download.pytorch.org (which such a machine cannot reach).
+# - Anywhere else: --torch-backend cpu. uv then takes the PyTorch packages alone (torch,
+#   triton, torchvision, ...) from https://download.pytorch.org/whl/cpu and every other pin
+#   from PyPI as before. Not --extra-index-url .../whl/cpu: uv ranks an extra index above
+#   PyPI and, by its default first-index strategy, takes every package that index also
+#   mirrors (numpy, jinja2, fastapi, transformers, ...) from it alone, failing where it lacks
+#   the pinned version; --index-strategy unsafe-best-match would let any package come from
+#   either host, the dependency confusion first-index exists to prevent.
+# `make print-install` prints the resulting command (tests/test_install.py checks both cases).
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
-FIND_LINKS := $(or $(PIP_FIND_LINKS),$(wildcard /opt/wheels))
-UV_INSTALL = $(UV) pip install -q --no-deps $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
+LOCAL_WHEELS ?= /opt/wheels
+FIND_LINKS := $(or $(PIP_FIND_LINKS),$(wildcard $(LOCAL_WHEELS)))
+TORCH_PIN := $(shell sed -n 's/^torch==//p' requirements/pipeline.txt)
+LOCAL_TORCH := $(firstword $(foreach dir,$(FIND_LINKS),$(wildcard $(dir)/torch-$(TORCH_PIN)-*.whl)))
+TORCH_SOURCE := $(strip $(addprefix --find-links ,$(FIND_LINKS)) $(if $(LOCAL_TORCH),,--torch-backend cpu))
+UV_INSTALL = $(UV) pip install -q --no-deps $(TORCH_SOURCE)
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +51,9 @@ $(SERVE_VENV)/.installed: requirements/serving.txt | $(UV)
 
 setup: $(VENV)/.installed $(SERVE_VENV)/.installed
 serve-env: $(SERVE_VENV)/.installed
+
+print-install:
+	@echo '$(UV_INSTALL)'
 
 demo: setup system-packages
 	$(QF) demo

@@ -147,3 +147,22 @@ def read_config(folder: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise StageError(STAGE, f"{path} is not valid JSON ({err})", "repair or re-download it") from None
+
+
+def model_config_of(spec: ModelSpec) -> dict | None:
+    """The model's config.json before any stage runs: read from a local folder, or fetched
+    alone from the hub (a few KB). None when it cannot be had yet; the stages check again."""
+    local = Path(spec.id).expanduser()
+    if local.is_dir():
+        try:
+            return read_config(local)
+        except StageError:
+            return None
+    if looks_like_path(spec.id):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(spec.id, "config.json", revision=spec.revision)).read_text())
+    except Exception:  # noqa: BLE001 - offline, gated, or no such repo: stage 1 says which
+        return None

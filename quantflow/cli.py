@@ -224,6 +224,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
           f"compressed-tensors {info.get('compressed-tensors')}")
     print(f"pipeline env   torch {versions.get('torch')}, llmcompressor {versions.get('llmcompressor')}, "
           f"compressed-tensors {versions.get('compressed-tensors')}")
+    model_config = None
+    if args.model:
+        from quantflow.checkpoints import model_config_of
+        from quantflow.config import ModelSpec
+        from quantflow.quantization.architecture import describe as describe_arch
+
+        model_config = model_config_of(ModelSpec(id=args.model))
+        if model_config is None:
+            print(f"error: --model: no config.json could be read for {args.model}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"architecture   {describe_arch(model_config)} (probed as a one-layer model of it)")
     schemes = catalog()
     names = args.scheme or list(schemes)
     unknown = [n for n in names if n not in schemes]
@@ -235,14 +246,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for name in names:
         scheme = scheme_for(schemes[name])
         assert scheme is not None
-        answer = check_scheme(scheme, deploy, refresh=args.refresh)
+        answer = check_scheme(scheme, deploy, refresh=args.refresh, model_config=model_config)
         rows.append({"name": name, **answer})
         detail = method_hint(name) if answer["serves"] else answer["reason"]
         print(f"{name:<12} {'yes' if answer['serves'] else 'NO':<7} {answer['scheme']:<52} {detail}",
               flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"host": info, "cpu": cpu_model(), "schemes": rows}, fh, indent=2)
+            json.dump({"host": info, "cpu": cpu_model(), "model": args.model, "schemes": rows}, fh, indent=2)
     print("\nmeasured by generating a token from a tiny checkpoint of each scheme; cached per "
           "serving env, host and scheme (--refresh measures again)")
     return EXIT_OK
@@ -362,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16"], default="bfloat16")
     p.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     p.add_argument("--json", help="also write the matrix to this JSON file")
+    p.add_argument("--model", metavar="PATH",
+                   help="probe with this model's architecture (its config.json: MoE, attention type) "
+                        "instead of a dense Llama; serving support differs by architecture")
     p.set_defaults(fn=cmd_doctor)
     p = sub.add_parser("monitor", help="one monitoring round against a deployment")
     p.add_argument("--deployment", default="demo")

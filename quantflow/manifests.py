@@ -84,6 +84,8 @@ class QuantizedManifest(Manifest):
     quantization_format: str | None
     size_bytes: int
     baseline_size_bytes: int
+    # MoE: calibration tokens routed to each expert (expert_coverage.py); None when dense.
+    expert_coverage: dict | None = None
 
     @property
     def checkpoint_sha256(self) -> str:

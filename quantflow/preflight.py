@@ -80,7 +80,7 @@ def check_quant(quant: QuantConfig, model_dir: Path | None) -> None:
                              "(torch.cuda.is_available() is False)",
                              "run on a GPU machine or work pool, or set quant.device: cpu (or auto)")
     if model_dir is not None:
-        problem = group_size_problem(quant, read_config(model_dir))
+        problem = group_size_problem(quant, read_config(model_dir), model_dir)
         if problem:
             raise InputError("quant.group_size", *problem)
     if quant.method == "recipe" and quant.recipe:

@@ -73,6 +73,15 @@ def demo_model(demo_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def moe_fixture(demo_model):
+    """family -> the model folder of a small trained fixture of that family (qwen3_moe,
+    mixtral, chat; quantflow/demo/fixtures.py), built once (~25 s each) and cached."""
+    from quantflow.demo.fixtures import build_fixture
+
+    return lambda family: build_fixture(family, demo_model, REPO / ".cache" / "fixtures", log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
 def prefect_server():
     """A real Prefect server (SQLite) for the session, like the demo's embedded default."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings

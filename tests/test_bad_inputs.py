@@ -44,6 +44,18 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         cfg = LlamaConfig(num_hidden_layers=1, vocab_size=64, max_position_embeddings=64, **widths)
         LlamaForCausalLM(cfg).save_pretrained(root / name)
         paths[name] = root / name
+    # DeepSeek-V3-style multi-head latent attention: every config width divides 128, but the
+    # low-rank projections kv_b_proj / q_b_proj read 64 (no config key names that width).
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    mla = DeepseekV3Config(num_hidden_layers=1, vocab_size=64, max_position_embeddings=64,
+                           hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                           num_attention_heads=2, num_key_value_heads=2, q_lora_rank=64,
+                           kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64,
+                           n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                           first_k_dense_replace=0, n_shared_experts=1)
+    DeepseekV3ForCausalLM(mla).save_pretrained(root / "mla")
+    paths["mla"] = root / "mla"
     (root / "calibration.jsonl").write_text("".join(json.dumps({"text": f"line {i} of text"}) + "\n"
                                                     for i in range(20)))
     (root / "heldout.jsonl").write_text(json.dumps({"text": "held out text"}) + "\n")
@@ -199,8 +211,12 @@ def _recipe(tmp_path: Path, text: str | None) -> str:
 INPUT_CASES = [
     ("group_size_does_not_divide_widths",
      lambda i, t: {"model.id": str(i["odd_widths"]), "quant.group_size": 64},
-     ["quant.group_size: 64 does not divide", "hidden_size 96 (96 % 64 = 32)",
-      "intermediate_size 224", "set quant.group_size: 32"]),
+     ["quant.group_size: 64 does not divide", "reads 96 (96 % 64 = 32)",
+      "mlp.down_proj reads 224", "set quant.group_size: 32"]),
+    ("group_size_does_not_divide_latent_attention",
+     lambda i, t: {"model.id": str(i["mla"]), "quant.group_size": 128},
+     ["quant.group_size: 128 does not divide", "kv_b_proj reads 64 (64 % 128 = 64)",
+      "set quant.group_size: 64"]),
     ("group_size_does_not_divide_widths_rtn",
      lambda i, t: {"model.id": str(i["odd_widths"]), "quant.method": "rtn", "quant.group_size": 128},
      ["quant.group_size: 128 does not divide", "set quant.group_size: 32"]),

@@ -42,3 +42,6 @@ class CalibrationConfig(StrictModel):
     # Warn when fewer than this fraction of the drawn tokens are distinct: repeated
     # boilerplate calibrates the quantizer to one kind of text.
     min_unique_token_ratio: float = Field(default=0.02, gt=0, le=1)
+    # Mixture-of-experts: warn, naming them, about experts the router sends fewer calibration
+    # tokens than this (counted while quantizing; every expert is still calibrated on all).
+    min_tokens_per_expert: int = Field(default=16, ge=0)

@@ -7,6 +7,7 @@ docs/serving.md for the numbers).
 
 from __future__ import annotations
 
+from quantflow.checkpoints import model_config_of
 from quantflow.config import PipelineConfig
 from quantflow.serving.compatibility import check_scheme
 from quantflow.serving.schemes import catalog, scheme_for
@@ -21,13 +22,14 @@ def choose_demo_scheme(config: PipelineConfig) -> tuple[PipelineConfig, str | No
     wanted = scheme_for(config.quant)
     if wanted is None:
         return config, None
-    answer = check_scheme(wanted, config.deploy)
+    arch = model_config_of(config.model)
+    answer = check_scheme(wanted, config.deploy, model_config=arch)
     if answer["serves"]:
         return config, None
     for name in FALLBACKS:
         quant = catalog()[name]
         scheme = scheme_for(quant)
-        if scheme is not None and check_scheme(scheme, config.deploy)["serves"]:
+        if scheme is not None and check_scheme(scheme, config.deploy, model_config=arch)["serves"]:
             note = (f"{quant.label} instead of {config.quant.label}: {answer['flavor']} cannot serve "
                     f"{answer['scheme']} on this host ({answer['host']}: {answer['reason']}); "
                     f"{quant.label} is the most accurate scheme that serves here")

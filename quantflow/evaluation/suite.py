@@ -51,7 +51,11 @@ def evaluate_model(model_dir: str | Path, validation: ValidationConfig, store: A
         raise StageError(stage, "validation.lm_eval.backend 'vllm' runs vLLM inside the pipeline "
                          "environment, which has none (its pins conflict with llm-compressor's)",
                          "use backend local-completions: a temporary server from the serving environment")
-    model, tok = load_for_eval(model_dir, validation.dtype, validation.device, trust_remote_code)
+    loaded = load_for_eval(model_dir, validation.dtype, validation.device, trust_remote_code,
+                           stage=stage, what=f"the {name} model")
+    model, tok = loaded.model, loaded.tokenizer
+    # Which loader measured it: the report says so (loading.py: per-expert MoE fallback).
+    metrics["loaded_by"] = {"path": loaded.path, "fallback_from": loaded.fallback_from}
     text = heldout_text(validation, stage) if (validation.perplexity.enabled
                                                or validation.consistency.enabled) else ""
     ppl_cfg = validation.perplexity
@@ -116,13 +120,14 @@ def _check_servable_for_eval(model_dir: str, cfg: DeployConfig) -> None:
     """local-completions serves the model under test: refuse a scheme this host's vLLM
     cannot run before a server starts and dies on its first request."""
     from quantflow.serving.compatibility import ensure_servable
-    from quantflow.serving.schemes import scheme_of_checkpoint
+    from quantflow.serving.schemes import checkpoint_config, scheme_of_checkpoint
 
     scheme = scheme_of_checkpoint(model_dir)
     if scheme is not None:
         try:
             ensure_servable(scheme, cfg, "validate",
-                            "validation.lm_eval.backend local-completions serves a checkpoint that")
+                            "validation.lm_eval.backend local-completions serves a checkpoint that",
+                            model_config=checkpoint_config(model_dir))
         except StageError as err:
             raise StageError("validate", err.cause, "use validation.lm_eval.backend: hf on this host, "
                              f"or {err.fix}") from None

@@ -19,6 +19,7 @@ from quantflow.errors import DiskFullError
 from quantflow.flows.approval import wait_for_approval
 from quantflow.flows.stages import StageRecord, run_cached_stage
 from quantflow.reporting import checks_table, render_markdown
+from quantflow.checkpoints import model_config_of
 from quantflow.serving.compatibility import ensure_servable
 from quantflow.serving.schemes import scheme_for
 from quantflow.store import ArtifactStore
@@ -120,7 +121,8 @@ def check_servable_early(config: PipelineConfig) -> None:
         return
     scheme = scheme_for(config.quant)
     if scheme is not None:
-        ensure_servable(scheme, config.deploy, "deploy", f"quant ({config.quant.label})")
+        ensure_servable(scheme, config.deploy, "deploy", f"quant ({config.quant.label})",
+                        model_config=model_config_of(config.model))
 
 
 def serving_inputs(config: PipelineConfig) -> tuple[Any, Any]:
@@ -150,7 +152,8 @@ def _pipeline(config: PipelineConfig, summary: Summary) -> Any:
                                       calibration=config.calibration, checkpoint=ckpt, **common)
         summary.add(rec)
     quant, rec = run_cached_stage("quantize", pool=pools.get("quantize"), quant=config.quant,
-                                  checkpoint=ckpt, calibration=calib, **common)
+                                  checkpoint=ckpt, calibration=calib,
+                                  min_expert_tokens=config.calibration.min_tokens_per_expert, **common)
     summary.add(rec)
     verdict, rec = run_cached_stage("validate", pool=pools.get("validate"),
                                     validation=config.validation, checkpoint=ckpt, quantized=quant,

@@ -29,6 +29,7 @@ from quantflow.manifests import CalibrationManifest, CheckpointManifest, Quantiz
 from quantflow.quantization.sensitivity import layer_pattern, render_sensitivity_chart
 from quantflow.search_report import (pareto_front, quality_loss, render_pareto_chart,
                                      render_search_markdown)
+from quantflow.checkpoints import model_config_of
 from quantflow.serving.compatibility import cannot_serve, check_scheme
 from quantflow.serving.schemes import scheme_for
 from quantflow.store import ArtifactStore, digest_of
@@ -51,7 +52,7 @@ def drop_reason(config: SearchConfig, candidate: Candidate) -> str | None:
     scheme = scheme_for(candidate.quant())
     if scheme is None:
         return None
-    answer = check_scheme(scheme, config.deploy)
+    answer = check_scheme(scheme, config.deploy, model_config=model_config_of(config.model))
     return None if answer["serves"] else f"{answer['scheme']}, which {cannot_serve(answer)}"
 
 
@@ -89,7 +90,8 @@ def evaluate_candidate(name: str, candidate: Candidate, config: SearchConfig, ch
     for uri, quant, kept in attempts:
         qman, qrec = run_cached_stage("quantize", output_uri=uri, pool=pools.get("quantize"),
                                       timeout_s=timeout, quant=quant, checkpoint=checkpoint,
-                                      calibration=calibration if quant.needs_calibration else None)
+                                      calibration=calibration if quant.needs_calibration else None,
+                                      min_expert_tokens=config.calibration.min_tokens_per_expert)
         verdict, vrec = run_cached_stage("validate", output_uri=uri, pool=pools.get("validate"),
                                          timeout_s=timeout, validation=config.validation,
                                          checkpoint=checkpoint, quantized=qman, serving=validate_serving)

@@ -11,6 +11,8 @@ import torch
 
 from quantflow.config import ModelSpec, QuantConfig
 from quantflow.quantization import cpu_pinning
+from quantflow.quantization.architecture import expert_count
+from quantflow.quantization.expert_coverage import count_expert_tokens
 from quantflow.quantization.recipes import recipe_yaml, streaming_scheme
 
 log = logging.getLogger("quantflow.quantize")
@@ -42,7 +44,10 @@ def run_streaming(model_dir: Path, q: QuantConfig, out_dir: Path, device: str) -
 
 
 def run_oneshot(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None,
-                out_dir: Path, model_spec: ModelSpec | None = None) -> str:
+                out_dir: Path, model_spec: ModelSpec | None = None,
+                coverage: dict | None = None) -> str:
+    """`coverage`, when given, is filled with the calibration tokens routed to each expert
+    of each MoE layer (expert_coverage.py); it stays empty for dense models."""
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,7 +76,13 @@ def run_oneshot(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None,
             # ("independent") gives every calibrating modifier llm-compressor's sequential
             # pipeline, one decoder layer on the accelerator at a time.
             kwargs["pipeline"] = "basic"
-    oneshot(model=model, tokenizer=tokenizer, recipe=recipe_yaml(q), **kwargs)
+    text_cfg = model.config.get_text_config()
+    experts = expert_count(text_cfg.to_dict())
+    with count_expert_tokens(model, experts, getattr(text_cfg, "num_experts_per_tok", 0) or 0,
+                             len(calib_ids) if calib_ids is not None else 0) as counted:
+        oneshot(model=model, tokenizer=tokenizer, recipe=recipe_yaml(q), **kwargs)
+    if coverage is not None:
+        coverage.update(counted)
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
     del model
@@ -82,8 +93,8 @@ def run_oneshot(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None,
 
 
 def quantize(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None, out_dir: Path,
-             device: str, model: ModelSpec | None = None) -> str:
+             device: str, model: ModelSpec | None = None, coverage: dict | None = None) -> str:
     """Quantize into out_dir; returns which llm-compressor entry point ran."""
     if streaming_scheme(q) is not None:
         return run_streaming(model_dir, q, out_dir, device)
-    return run_oneshot(model_dir, q, calib_ids if q.needs_calibration else None, out_dir, model)
+    return run_oneshot(model_dir, q, calib_ids if q.needs_calibration else None, out_dir, model, coverage)

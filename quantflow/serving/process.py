@@ -24,7 +24,25 @@ from quantflow.processes import group_members, reused, start_detached, stop_grou
 LOG_TAIL_LINES = 25
 # Lines printed by every vLLM exit (nanobind leak reports) that hide the real error.
 NOISE = re.compile(r"nanobind|^ - (leaked|\.\.\.)|resource_tracker|warnings\.warn")
-ROOT_CAUSE = re.compile(r"\b\w*(Error|Exception)\b: ")
+# What vLLM says once an engine process has died: wrappers that point elsewhere.
+WRAPPER = re.compile(r"See root cause above|See stack trace for root cause|initialization failed|"
+                     r"EngineDeadError|Failed core proc")
+# An exception that opens a line's message: bare (a traceback's last line) or after vLLM's
+# "(EngineCore pid=1) ERROR 12-02 18:22:40 [core.py:1510] " prefix. Not WARNING text that
+# merely mentions one.
+EXCEPTION_LINE = re.compile(r"^(?:\((?P<proc>\w+)[^)]*\)\s+)?(?:ERROR\s+\S+\s+\S+\s+\[[^\]]*\]\s+)?"
+                            r"(?P<exc>[\w.]*(?:Error|Exception)\b: .*)")
+ENGINE_PROCS = ("EngineCore", "Worker")
+
+
+def root_cause(lines: list[str]) -> str | None:
+    """The first exception an engine process raised (its EngineCore or Worker lines). The
+    API server then re-raises wrappers ("Engine core initialization failed. See root cause
+    above") that name nothing; they are the fallback only when nothing else is there."""
+    found = [(m.group("proc") or "", m.group("exc").strip()) for m in map(EXCEPTION_LINE.match, lines) if m]
+    causes = [(proc, exc) for proc, exc in found if not WRAPPER.search(exc)]
+    engine = [exc for proc, exc in causes if proc.startswith(ENGINE_PROCS)]
+    return (engine or [exc for _, exc in causes] or [exc for _, exc in found] or [None])[0]
 
 
 @dataclass
@@ -179,10 +197,10 @@ class VllmServer:
         except OSError:
             return "(no log)"
         kept = [ln for ln in text.splitlines() if not NOISE.search(ln)]
-        causes = [ln for ln in kept if ROOT_CAUSE.search(ln)]
+        cause = root_cause(kept)
         tail = kept[-lines:]
-        if causes:
-            tail = [f"root cause: {causes[-1].strip()}", "..."] + tail
+        if cause:
+            tail = [f"root cause: {cause}", "..."] + tail
         return "\n".join(tail)
 
     def record(self) -> dict:

@@ -80,14 +80,21 @@ class Scheme:
                    for g in self.groups)
 
 
-def scheme_of_checkpoint(uri: str) -> Scheme | None:
-    """The scheme in a checkpoint folder's config.json (local or s3://); None when it has no
-    compressed-tensors quantization_config."""
+def checkpoint_config(uri: str) -> dict | None:
+    """A checkpoint folder's config.json (local or s3://); None when it has none."""
     from quantflow.store import read_uri
 
     try:
-        config = json.loads(read_uri(f"{str(uri).rstrip('/')}/config.json"))
+        return json.loads(read_uri(f"{str(uri).rstrip('/')}/config.json"))
     except FileNotFoundError:
+        return None
+
+
+def scheme_of_checkpoint(uri: str) -> Scheme | None:
+    """The scheme in a checkpoint folder's config.json (local or s3://); None when it has no
+    compressed-tensors quantization_config."""
+    config = checkpoint_config(uri)
+    if config is None:
         return None
     qcfg = config.get("quantization_config")
     return Scheme.from_quantization_config(qcfg) if qcfg else None

@@ -32,7 +32,7 @@ from quantflow.serving.process import (ServerFailed, ServerSpec, VllmServer, is_
 from quantflow.serving.proxy import (INSTALL_HINT, NginxProxy, ProxyFailed, internal_port, nginx_binary,
                                      stop_proxy)
 from quantflow.serving.registry import SERVER_TAG_ENV, DeploymentRegistry, state_dir
-from quantflow.serving.schemes import scheme_of_checkpoint
+from quantflow.serving.schemes import checkpoint_config, scheme_of_checkpoint
 from quantflow.serving.temporary import serving_device
 from quantflow.store import ArtifactStore
 from quantflow.tasks.policy import TASK_DEFAULTS
@@ -95,8 +95,9 @@ def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict, l
         raise StageError(STAGE, f"only {free_gib:.1f} GiB free disk, deploy.min_free_disk_gib is "
                          f"{cfg.min_free_disk_gib}", "free disk space")
     scheme = scheme_of_checkpoint(quantized.uri)
-    if scheme is not None:  # measured on this host, cached (quantflow doctor shows all)
-        ensure_servable(scheme, cfg, STAGE, f"the checkpoint {quantized.label}")
+    if scheme is not None:  # measured on this host for this architecture, cached (`quantflow doctor`)
+        ensure_servable(scheme, cfg, STAGE, f"the checkpoint {quantized.label}",
+                        model_config=checkpoint_config(quantized.uri))
     elif quantized.quantization_format:
         log.warning("deploy: %s is not in compressed-tensors format; its kernels are checked by "
                     "the health check only", quantized.label)
@@ -164,8 +165,10 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
         except (ServerFailed, HealthCheckFailed) as err:
             tail = getattr(err, "log_tail", None) or server.log_tail()
             server.stop()
+            cause = tail.splitlines()[0] if tail.startswith("root cause: ") else ""
             raise StageError(STAGE, f"the new server failed its health check; {keeps}. "
-                             f"{str(err).splitlines()[0]}\n--- server log ---\n{tail}") from None
+                             f"{str(err).splitlines()[0]}" + (f"; vLLM's {cause}" if cause else "")
+                             + f"\n--- server log ---\n{tail}") from None
         except BaseException:
             server.stop()
             raise

@@ -17,6 +17,8 @@ from quantflow.config import ModelSpec, QuantConfig
 from quantflow.errors import StageError
 from quantflow.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest
 from quantflow.profiling import measure
+from quantflow.quantization.architecture import describe, full_precision_modules
+from quantflow.quantization.expert_coverage import summarize, warn_if_starved
 from quantflow.quantization.group_size import group_size_problem
 from quantflow.quantization.recipes import recipe_yaml
 from quantflow.quantization.runner import quantize
@@ -35,7 +37,7 @@ def preflight(quant: QuantConfig, calibration: CalibrationManifest | None,
     if model_dir is not None and (model_dir / "config.json").is_file():
         # The CLI checks this before stage 1 for local folders; a hub checkpoint (or a run
         # submitted to a work pool) is first seen here.
-        problem = group_size_problem(quant, read_config(model_dir))
+        problem = group_size_problem(quant, read_config(model_dir), model_dir)
         if problem:
             raise StageError(STAGE, f"quant.group_size: {problem[0]}", problem[1])
     if quant.device == "cuda" and not torch.cuda.is_available():
@@ -72,24 +74,49 @@ def _copy_prequantized(quant: QuantConfig, dest: Path) -> str:
     return "none"
 
 
+def with_architecture_ignores(quant: QuantConfig, model_config: dict) -> QuantConfig:
+    """The user's ignore list plus the modules this architecture keeps in full precision
+    (MoE routers: architecture.py), so the recipe written next to the checkpoint says so."""
+    extra = [p for p in full_precision_modules(model_config) if p not in quant.ignore]
+    if not extra:
+        return quant
+    log.info("quantize: %s: keeping router gates in full precision (%s)", describe(model_config),
+             ", ".join(extra))
+    return quant.model_copy(update={"ignore": [*quant.ignore, *extra]})
+
+
 def quantize_model(quant: QuantConfig, checkpoint: CheckpointManifest,
-                   calibration: CalibrationManifest | None, output_uri: str) -> QuantizedManifest:
+                   calibration: CalibrationManifest | None, output_uri: str,
+                   min_expert_tokens: int = 16) -> QuantizedManifest:
+    """`min_expert_tokens` (calibration.min_tokens_per_expert): an MoE expert the router sent
+    fewer calibration tokens is named in a warning and in the report."""
     store = ArtifactStore(output_uri)
     device = preflight(quant, calibration, Path(checkpoint.local_path))
     begin_outputs(store, STAGE)
     scratch = store.scratch_dir(OUTPUT)
     try:
         with measure() as usage:
+            coverage = None
             if quant.method == "prequantized":
                 entry = _copy_prequantized(quant, scratch)
                 recipe = None
             else:
                 ids = load_calibration(calibration, STAGE) if calibration is not None else None
+                model_dir = local_checkpoint(checkpoint, STAGE)
+                quant = with_architecture_ignores(quant, read_config(model_dir))
                 recipe = recipe_yaml(quant)
                 log.info("quantize: %s (%s) on %s", quant.label, "calibrated" if quant.needs_calibration
                          else "data-free", device)
-                entry = quantize(local_checkpoint(checkpoint, STAGE), quant, ids, scratch, device,
-                                 model=checkpoint.model)
+                routed: dict = {}
+                entry = quantize(model_dir, quant, ids, scratch, device, model=checkpoint.model,
+                                 coverage=routed)
+                coverage = summarize(routed, min_expert_tokens)
+                if coverage:
+                    coverage["warning"] = warn_if_starved(coverage)
+                    log.info("quantize: routed calibration tokens per expert: min %d, median %g, max %d "
+                             "over %d layers x %d experts", coverage["routed_tokens"]["min"],
+                             coverage["routed_tokens"]["median"], coverage["routed_tokens"]["max"],
+                             coverage["layers"], coverage["experts_per_layer"])
                 (scratch / "quantflow_recipe.yaml").write_text(recipe)
             qconfig = json.loads((scratch / "config.json").read_text()).get("quantization_config", {})
             files = tree_sha256(scratch)
@@ -103,7 +130,7 @@ def quantize_model(quant: QuantConfig, checkpoint: CheckpointManifest,
         uri=uri, files=files, label=quant.label, method=quant.method, entry_point=entry,
         recipe=recipe, quantization_format=qconfig.get("format") or qconfig.get("quant_method"),
         size_bytes=size, baseline_size_bytes=checkpoint.architecture["size_bytes"],
-        versions=tool_versions(), usage=vars(usage)))
+        expert_coverage=coverage, versions=tool_versions(), usage=vars(usage)))
 
 
 quantize_task = task(**stage_task_options(STAGE))(quantize_model)

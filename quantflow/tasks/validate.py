@@ -93,9 +93,13 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
                      "quantized_bytes": quantized.size_bytes,
                      "ratio": round(quantized.size_bytes / quantized.baseline_size_bytes, 4)},
             "config": validation.model_dump(mode="json"), "versions": tool_versions(),
+            "measured_by": {"baseline": baseline_doc["metrics"].get("loaded_by"),
+                            "quantized": candidate.get("loaded_by")},
         }
         if performance is not None:
             report["performance"] = performance
+        if quantized.expert_coverage:
+            report["expert_coverage"] = {k: v for k, v in quantized.expert_coverage.items() if k != "per_layer"}
         if candidate.get("golden"):
             report["golden"] = [{**g, "source": "quantized"} for g in candidate["golden"]]
         if validation.consistency.enabled:
