@@ -143,20 +143,26 @@ def _print_summary(summary: dict, state) -> None:
 
 
 def _print_completion(config, summary: dict) -> None:
+    import json
+
     from quantflow.serving.health import CompletionsClient
 
-    prompt = config.deploy.health.prompt
+    check = config.deploy.health.model_copy(update={"max_tokens": 16})
     key = os.environ.get(config.deploy.api_key_env)
     client = CompletionsClient(summary["endpoint"], summary["served_model_name"], key)
     try:
-        done = client.complete(prompt, 16)
+        done = client.ask(check)
     finally:
         client.close()
-    print(f"  completion   {prompt!r} -> {done.text!r}")
+    print(f"  completion   {check.label} -> {done.text!r}")
     auth = f' -H "Authorization: Bearer ${config.deploy.api_key_env}"' if key else ""
-    print(f"  try it       curl -s {summary['endpoint']}/v1/completions{auth} -H 'Content-Type: "
-          f"application/json' -d '{{\"model\": \"{summary['served_model_name']}\", \"prompt\": "
-          f"\"{prompt}\", \"max_tokens\": 16, \"temperature\": 0}}'")
+    if check.messages is None:
+        route, body = "completions", {"model": summary["served_model_name"], "prompt": check.prompt}
+    else:
+        route, body = "chat/completions", {"model": summary["served_model_name"], "messages": check.chat()}
+    body.update(max_tokens=16, temperature=0)
+    print(f"  try it       curl -s {summary['endpoint']}/v1/{route}{auth} -H 'Content-Type: "
+          f"application/json' -d '{json.dumps(body)}'")
     print("  stop it      make stop   (or: quantflow stop)")
 
 

@@ -35,6 +35,8 @@ def check_inputs(config: PipelineConfig, quant: QuantConfig | None = None) -> No
         check_quant(quant, model_dir)
     if quant is None or quant.needs_calibration:
         check_text(config.calibration.source, "calibration.source")
+        if config.calibration.source.format == "chat" and model_dir is not None:
+            check_chat_template(model_dir, "calibration.source")
     if config.validation.perplexity.enabled:
         check_text(config.validation.perplexity.source, "validation.perplexity.source")
     lm_eval = config.validation.lm_eval
@@ -140,11 +142,42 @@ def check_text(source: TextSource, field: str) -> None:
         except json.JSONDecodeError as err:
             raise InputError(f"{field}.dataset", f"{f}: the first row is not JSON ({err})",
                              "write one JSON object per line") from None
+        if source.format == "chat":
+            check_conversations(f, source, field)
+            continue
         if not isinstance(row, dict) or source.text_field not in row:
             keys = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
             raise InputError(f"{field}.text_field", f"the rows of {f} have no {source.text_field!r} "
                              f"field (the first row has: {keys})",
                              f"set {field}.text_field to the field holding the text")
+
+
+def check_conversations(f: Path, source: TextSource, field: str) -> None:
+    """Every row of a chat calibration file is a conversation (the stage renders them all)."""
+    from quantflow.textdata import conversation_problem
+
+    with open(f, encoding="utf-8", errors="replace") as fh:
+        for i, line in enumerate(ln for ln in fh if ln.strip()):
+            try:
+                problem = conversation_problem(json.loads(line), source.messages_field)
+            except json.JSONDecodeError as err:
+                problem = f"is not JSON ({err})"
+            if problem:
+                raise InputError(f"{field}.messages_field", f"row {i} of {f} {problem}",
+                                 "each row needs a list of {role, content} turns with non-empty content")
+
+
+def check_chat_template(model_dir: Path, field: str) -> None:
+    """format: chat renders conversations with the tokenizer's template: it must have one."""
+    config = model_dir / "tokenizer_config.json"
+    has = (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file()
+    if not has and config.is_file():
+        has = bool(json.loads(config.read_text()).get("chat_template"))
+    if not has:
+        raise InputError(f"{field}.format", f"chat calibration renders conversations with the "
+                         f"tokenizer's chat template, and {model_dir} has none (no chat_template in "
+                         "tokenizer_config.json, no chat_template.jinja)",
+                         f"set {field}.format: text for a base model, or point model.id at the instruct model")
 
 
 def check_output(uri: str, model_dir: Path | None) -> None:

@@ -84,3 +84,59 @@ def joined_text(docs: list[str]) -> str:
     """One document for perplexity: rows joined by blank lines (how WikiText is usually
     scored), so line-per-row data sets are not scored as thousands of tiny documents."""
     return "\n\n".join(d.strip("\n") for d in docs)
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def conversation_problem(row: object, field: str) -> str | None:
+    """Why one row is not a conversation (None when it is): a list of turns, each with a
+    known role and non-empty string content."""
+    if not isinstance(row, dict) or field not in row:
+        keys = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+        return f"has no {field!r} field (it has: {keys})"
+    turns = row[field]
+    if not isinstance(turns, list) or not turns:
+        return f"{field!r} is not a non-empty list of turns"
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return f"{field}[{i}] is not an object with role and content"
+        if "role" not in turn:
+            return f"{field}[{i}] has no 'role' (one of {', '.join(ROLES)})"
+        if turn["role"] not in ROLES:
+            return f"{field}[{i}].role is {turn['role']!r}, not one of {', '.join(ROLES)}"
+        content = turn.get("content")
+        if not isinstance(content, str) or not content.strip():
+            return f"{field}[{i}].content is empty"
+    return None
+
+
+def load_conversations(source: TextSource, stage: str, field: str) -> list[list[dict]]:
+    """Conversations from local JSON/JSONL rows (source.messages_field) or a hub data set."""
+    path = Path(source.dataset).expanduser()
+    rows: list[tuple[str, object]] = []
+    if path.exists():
+        for f in _local_files(path):
+            if f.suffix == ".txt":
+                raise StageError(stage, f"{field}.format is chat but {f} is plain text",
+                                 "give JSONL rows with a messages list, or set format: text")
+            data = ([json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                    if f.suffix == ".jsonl" else json.loads(f.read_text()))
+            rows += [(f"row {i} of {f}", r) for i, r in enumerate([data] if isinstance(data, dict) else data)]
+    else:
+        import datasets
+
+        ds = datasets.load_dataset(source.dataset, source.subset, split=source.split,
+                                   data_files=source.data_files)
+        rows = [(f"row {i} of {source.dataset}", r) for i, r in enumerate(ds)]
+    convs = []
+    for where, row in rows:
+        problem = conversation_problem(row, source.messages_field)
+        if problem:
+            raise StageError(stage, f"{field}.messages_field: {where} {problem}",
+                             "each row needs a list of {role, content} turns with non-empty content")
+        convs.append([{"role": t["role"], "content": t["content"]} for t in row[source.messages_field]])
+    if not convs:
+        raise StageError(stage, f"{field}.dataset: {source.dataset} contains no conversations",
+                         "check the file or the messages_field")
+    return convs

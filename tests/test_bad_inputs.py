@@ -215,7 +215,7 @@ INPUT_CASES = [
       "mlp.down_proj reads 224", "set quant.group_size: 32"]),
     ("group_size_does_not_divide_latent_attention",
      lambda i, t: {"model.id": str(i["mla"]), "quant.group_size": 128},
-     ["quant.group_size: 128 does not divide", "kv_b_proj reads 64 (64 % 128 = 64)",
+     ["quant.group_size: 128 does not divide", "kv_b_proj (and 1 more) reads 64 (64 % 128 = 64)",
       "set quant.group_size: 64"]),
     ("group_size_does_not_divide_widths_rtn",
      lambda i, t: {"model.id": str(i["odd_widths"]), "quant.method": "rtn", "quant.group_size": 128},
@@ -228,6 +228,18 @@ INPUT_CASES = [
      ["calibration.source.text_field", "no 'content' field", "the first row has: text"]),
     ("calibration_not_json", lambda i, t: {"calibration.source.dataset": _write(t / "c.jsonl", "text: hi\n")},
      ["calibration.source.dataset", "the first row is not JSON"]),
+    ("chat_turn_without_role",
+     lambda i, t: {"calibration.source.format": "chat", "calibration.source.dataset": _write(
+         t / "chat.jsonl", _CHAT_OK + '{"messages": [{"content": "hello"}]}\n')},
+     ["calibration.source.messages_field", "row 1 of", "messages[0] has no 'role'"]),
+    ("chat_turn_with_empty_content",
+     lambda i, t: {"calibration.source.format": "chat", "calibration.source.dataset": _write(
+         t / "chat.jsonl", '{"messages": [{"role": "user", "content": "  "}]}\n')},
+     ["calibration.source.messages_field", "row 0 of", "messages[0].content is empty"]),
+    ("chat_without_template",
+     lambda i, t: {"calibration.source.format": "chat", "calibration.source.dataset": _write(t / "chat.jsonl", _CHAT_OK)},
+     ["calibration.source.format", "has none (no chat_template in tokenizer_config.json",
+      "set calibration.source.format: text"]),
     ("heldout_missing", lambda i, t: {"validation.perplexity.source.dataset": str(t / "gone" / "heldout.jsonl")},
      ["validation.perplexity.source.dataset", "heldout.jsonl does not exist"]),
     ("lm_eval_tasks_folder_missing",
@@ -243,6 +255,9 @@ INPUT_CASES = [
          t, "quant_stage:\n  quant_modifiers:\n    GPTQModifer: {targets: [Linear], scheme: W4A16}\n")}},
      ["quant.recipe", "GPTQModifer"]),
 ]
+
+
+_CHAT_OK = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
 
 
 def _touch(path: Path) -> str:

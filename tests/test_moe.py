@@ -196,3 +196,34 @@ def test_moe_scheme_deploys_or_is_refused_at_flow_start(family, scheme, refusal,
         assert summary["outcome"] == "deployed" or summary.get("endpoint"), summary
     finally:
         stop_deployment(cfg.name)
+
+
+def test_tokens_routed_to_each_expert_are_counted_once_per_calibration_token(moe_fixture, tmp_path):
+    """The router hooks count llm-compressor's calibration pass only (its sequential
+    pipeline runs each layer twice): every layer routes exactly samples x seq_len x top-k
+    tokens, and experts under the threshold are named in the warning."""
+    from transformers import AutoTokenizer
+
+    from quantflow.config import QuantConfig
+    from quantflow.quantization.expert_coverage import summarize, warn_if_starved
+    from quantflow.quantization.runner import quantize
+
+    model = moe_fixture("qwen3_moe")
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = torch.tensor(tok(split_corpus()["calibration"])["input_ids"][:16 * 64]).view(16, 64)
+    routed: dict = {}
+    quantize(model, QuantConfig.model_validate(SCHEMES["gptq"]), ids, tmp_path / "q", "cpu", coverage=routed)
+    from quantflow.quantization.architecture import expert_count
+
+    config = json.loads((model / "config.json").read_text())
+    experts = expert_count(config)
+    assert experts == 8
+    assert sorted(routed) == [f"model.layers.{i}.mlp.gate" for i in range(config["num_hidden_layers"])]
+    for layer, counts in routed.items():
+        assert len(counts) == experts
+        assert sum(counts) == 16 * 64 * config["num_experts_per_tok"], (layer, counts)
+    summary = summarize(routed, threshold=10**6)  # every expert is "starved" at this threshold
+    assert len(summary["under_threshold"]) == config["num_hidden_layers"] * experts
+    assert summary["routed_tokens"]["min"] <= summary["routed_tokens"]["median"] <= summary["routed_tokens"]["max"]
+    assert "model.layers.0.mlp.gate expert 0" in warn_if_starved(summary)
+    assert summarize(routed, threshold=0)["under_threshold"] == [] and summarize({}, 16) is None

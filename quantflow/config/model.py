@@ -29,6 +29,10 @@ class TextSource(StrictModel):
     split: str = "train"
     # Column holding the text in JSON/JSONL rows and hub data sets.
     text_field: str = "text"
+    # "chat": rows are conversations (messages_field: a list of {role, content} turns),
+    # rendered with the tokenizer's chat template, as instruct models are calibrated.
+    format: Literal["text", "chat"] = "text"
+    messages_field: str = "messages"
     # Hub data files to read instead of the whole split (C4 is terabytes; one shard is plenty).
     data_files: str | list[str] | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -9,15 +10,45 @@ from pydantic import Field, model_validator
 from quantflow.config.base import StrictModel
 
 
-class CompletionCheck(StrictModel):
-    """A prompt and what its greedy completion must say."""
+class ChatTurn(StrictModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(min_length=1)
 
-    prompt: str = Field(min_length=1)
+
+class CompletionCheck(StrictModel):
+    """A prompt, or chat turns, and what its greedy completion must say."""
+
+    # A raw completion prompt (sent to /v1/completions) ...
+    prompt: str | None = Field(default=None, min_length=1)
+    # ... or chat turns (sent to /v1/chat/completions; rendered with the tokenizer's chat
+    # template when the golden answer is recorded). Exactly one of the two.
+    messages: list[ChatTurn] | None = Field(default=None, min_length=1)
     # Substring the completion must contain (case-insensitive), for curated probes.
     # None (the default) = the baseline model's own greedy answer, recorded at stage 1
     # (the golden set): the served model's first word must equal the baseline's.
     expected: str | None = None
     max_tokens: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> "CompletionCheck":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt (a completion) or messages (chat turns), not "
+                             + ("both" if self.prompt is not None else "neither"))
+        return self
+
+    @property
+    def key(self) -> str:
+        """What identifies this check's recorded (golden) answer."""
+        if self.messages is None:
+            return self.prompt or ""
+        return "chat:" + json.dumps([t.model_dump() for t in self.messages], sort_keys=True)
+
+    @property
+    def label(self) -> str:
+        return repr(self.prompt) if self.messages is None else f"chat turn {self.messages[-1].content!r}"
+
+    def chat(self) -> list[dict] | None:
+        return None if self.messages is None else [t.model_dump() for t in self.messages]
 
 
 class KubernetesTarget(StrictModel):

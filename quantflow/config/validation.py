@@ -114,11 +114,25 @@ class PerformanceCheck(StrictModel):
         return any(v is not None for v in (self.min_throughput_ratio, self.max_p99_ttft_ms, self.max_p99_tpot_ms))
 
 
+class ServedFidelityCheck(StrictModel):
+    """Before a rollout switches traffic, the new server's perplexity on a slice of the
+    held-out text (vLLM's prompt log-probabilities) must match what validate measured on the
+    same token windows: a loader fault in either engine (weights silently dropped or left
+    random) moves it by orders of magnitude; engine and kernel differences by a few percent."""
+
+    enabled: bool = True
+    windows: int = Field(default=8, ge=1, le=256)  # disjoint windows from the held-out text's start
+    window: int = Field(default=128, ge=8)  # tokens per window (must fit deploy.max_model_len)
+    # Largest allowed |served - validated| / validated perplexity, in percent.
+    max_delta_pct: float = Field(default=5.0, gt=0)
+
+
 class ValidationConfig(StrictModel):
     perplexity: PerplexityCheck = PerplexityCheck()
     lm_eval: LmEvalCheck = LmEvalCheck()
     consistency: ConsistencyCheck = ConsistencyCheck()
     performance: PerformanceCheck = PerformanceCheck()
+    served_fidelity: ServedFidelityCheck = ServedFidelityCheck()
     # After a pass, suspend the flow until someone approves or rejects it in the Prefect UI.
     require_approval: bool = False
     approval_timeout_s: int = Field(default=24 * 3600, ge=60)
@@ -130,4 +144,5 @@ class ValidationConfig(StrictModel):
         """What stage 1 measures the baseline with: the quality settings only. Serving
         performance has its own baseline cache (quantflow/serving/performance.py), so a
         changed load level or gate never re-runs the baseline's quality evaluation."""
-        return self.model_copy(update={"performance": PerformanceCheck()})
+        return self.model_copy(update={"performance": PerformanceCheck(),
+                                       "served_fidelity": ServedFidelityCheck()})

@@ -35,7 +35,7 @@ CHAT_TEMPLATE = (
 @dataclass(frozen=True)
 class FixtureRecipe:
     family: str  # qwen3_moe | mixtral | chat
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 3e-3

@@ -24,6 +24,16 @@ def greedy_generations(model, tokenizer, prompts: list[str], max_new_tokens: int
     return outs
 
 
+def greedy_from_ids(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[int]:
+    """New token ids of the greedy continuation of already tokenized input (a rendered chat)."""
+    device = next(model.parameters()).device
+    x = torch.tensor([list(ids)], device=device)
+    gen = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                         else tokenizer.eos_token_id)
+    return gen[0, x.shape[1]:].tolist()
+
+
 def compare_generations(baseline: list[list[int]], candidate: list[list[int]]) -> dict:
     """Exact-match rate and, per prompt, the first token index where the outputs differ."""
     divergence: list[int | None] = []

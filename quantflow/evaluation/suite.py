@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from quantflow.config import CompletionCheck, DeployConfig, ValidationConfig
-from quantflow.evaluation.consistency import greedy_generations, next_token_logprobs
+from quantflow.config import CompletionCheck, DeployConfig, ServedFidelityCheck, ValidationConfig
+from quantflow.evaluation.consistency import greedy_from_ids, greedy_generations, next_token_logprobs
+from quantflow.evaluation.fidelity import fidelity_windows, model_slice
 from quantflow.evaluation.loading import load_for_eval
 from quantflow.evaluation.perplexity import perplexity
 from quantflow.errors import StageError
@@ -33,8 +34,13 @@ def golden_answers(model, tok, checks: list[CompletionCheck]) -> list[dict[str, 
     is later compared against)."""
     out = []
     for check in checks:
-        ids = greedy_generations(model, tok, [check.prompt], check.max_tokens)[0]
-        out.append({"prompt": check.prompt, "max_tokens": check.max_tokens,
+        messages = check.chat()
+        if messages is None:
+            ids = greedy_generations(model, tok, [check.prompt or ""], check.max_tokens)[0]
+        else:  # rendered as vLLM's /v1/chat/completions renders it: template + generation prompt
+            ids = greedy_from_ids(model, tok, tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False), check.max_tokens)
+        out.append({"prompt": check.key, "max_tokens": check.max_tokens, "messages": messages,
                     "answer": tok.decode(ids, skip_special_tokens=True)})
     return out
 
@@ -42,7 +48,8 @@ def golden_answers(model, tok, checks: list[CompletionCheck]) -> list[dict[str, 
 def evaluate_model(model_dir: str | Path, validation: ValidationConfig, store: ArtifactStore,
                    name: str, stage: str, serving: DeployConfig | None = None,
                    trust_remote_code: bool = False,
-                   golden_prompts: list[CompletionCheck] | None = None) -> dict[str, Any]:
+                   golden_prompts: list[CompletionCheck] | None = None,
+                   fidelity: ServedFidelityCheck | None = None) -> dict[str, Any]:
     """Metrics for one model; next-token log-probs go to `{name}_logprobs.pt` in the store;
     with `golden_prompts`, its greedy answers to them under "golden"."""
     metrics: dict[str, Any] = {}
@@ -56,8 +63,12 @@ def evaluate_model(model_dir: str | Path, validation: ValidationConfig, store: A
     model, tok = loaded.model, loaded.tokenizer
     # Which loader measured it: the report says so (loading.py: per-expert MoE fallback).
     metrics["loaded_by"] = {"path": loaded.path, "fallback_from": loaded.fallback_from}
-    text = heldout_text(validation, stage) if (validation.perplexity.enabled
+    fidelity = fidelity if fidelity is not None and fidelity.enabled else None
+    text = heldout_text(validation, stage) if (validation.perplexity.enabled or fidelity
                                                or validation.consistency.enabled) else ""
+    if fidelity:  # the token windows deploy sends to the new server (serving/fidelity.py)
+        windows = fidelity_windows(tok, text, fidelity.windows, fidelity.window)
+        metrics["served_fidelity"] = {"windows": windows, **model_slice(model, windows)}
     ppl_cfg = validation.perplexity
     if ppl_cfg.enabled:
         log.info("%s: perplexity (window %d, stride %s)", name, ppl_cfg.window, ppl_cfg.stride or "=window")

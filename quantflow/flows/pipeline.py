@@ -110,7 +110,7 @@ def golden_prompts(config: PipelineConfig) -> list[CompletionCheck]:
     """Health-check and probe prompts with no curated answer: stage 1 records the baseline's
     answers to them. Independent of deploy.enabled, so turning deploy on reuses the cache."""
     checks = [config.deploy.health, *config.monitor.probes]
-    unique = {(c.prompt, c.max_tokens): c for c in checks if c.expected is None}
+    unique = {(c.key, c.max_tokens): c for c in checks if c.expected is None}
     return list(unique.values())
 
 

@@ -128,7 +128,7 @@ def load_round(record: dict, cfg: MonitorConfig, requests: int, concurrency: int
     state = load_state(store, record["name"])
     client = client_for(record)
     try:
-        stats = load_check(client, [p.prompt for p in cfg.probes], requests, concurrency,
+        stats = load_check(client, list(cfg.probes), requests, concurrency,
                            max_tokens, state, deadline_s)
     finally:
         client.close()

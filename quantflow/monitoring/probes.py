@@ -22,10 +22,10 @@ def run_probes(client: CompletionsClient, probes: list[CompletionCheck],
     results = []
     for probe in probes:
         references = golden_answers(golden, probe)
-        entry: dict[str, Any] = {"time": now(), "prompt": probe.prompt, "expected": probe.expected,
+        entry: dict[str, Any] = {"time": now(), "prompt": probe.key, "expected": probe.expected,
                                  "golden": references[0] if references else None}
         try:
-            done = client.complete(probe.prompt, probe.max_tokens)
+            done = client.ask(probe)
         except httpx.HTTPError as err:
             entry.update(score=0.0, error=f"{type(err).__name__}: {err}"[:300])
         else:
@@ -39,7 +39,7 @@ def run_probes(client: CompletionsClient, probes: list[CompletionCheck],
     return results
 
 
-def load_check(client: CompletionsClient, prompts: list[str], requests: int, concurrency: int,
+def load_check(client: CompletionsClient, checks: list[CompletionCheck], requests: int, concurrency: int,
                max_tokens: int, state: MonitorState, deadline_s: float = 120) -> dict[str, Any]:
     """`requests` completions, `concurrency` at a time, stopping at `deadline_s`. Records
     each latency under operation="completion" and the aggregate token throughput."""
@@ -50,7 +50,8 @@ def load_check(client: CompletionsClient, prompts: list[str], requests: int, con
         if time.perf_counter() > stop_at:
             return None
         try:
-            return client.complete(prompts[i % len(prompts)], max_tokens)
+            check = checks[i % len(checks)]
+            return client.ask(check.model_copy(update={"max_tokens": max_tokens}))
         except httpx.HTTPError as err:
             return err
 

@@ -55,6 +55,27 @@ class CompletionsClient:
                           prompt_tokens=int(usage.get("prompt_tokens", 0)))
 
 
+    def chat(self, messages: list[dict], max_tokens: int) -> Completion:
+        start = time.perf_counter()
+        r = self.http.post("/v1/chat/completions", json={"model": self.model, "messages": messages,
+                                                          "max_tokens": max_tokens, "temperature": 0})
+        latency = time.perf_counter() - start
+        r.raise_for_status()
+        body = r.json()
+        usage = body.get("usage") or {}
+        return Completion(text=body["choices"][0]["message"]["content"] or "", latency_s=latency,
+                          completion_tokens=int(usage.get("completion_tokens", 0)),
+                          prompt_tokens=int(usage.get("prompt_tokens", 0)))
+
+    def ask(self, check: CompletionCheck) -> Completion:
+        """A completion check's request: chat turns to /v1/chat/completions, a prompt to
+        /v1/completions; greedy either way."""
+        messages = check.chat()
+        if messages is not None:
+            return self.chat(messages, check.max_tokens)
+        return self.complete(check.prompt or "", check.max_tokens)
+
+
 def first_word(text: str) -> str:
     words = text.split()
     return words[0].lower() if words else ""
@@ -78,7 +99,7 @@ def golden_answers(golden: list[dict] | None, check: CompletionCheck) -> list[st
     """Every recorded answer for this prompt and length: the baseline's (stage 1) first,
     then the quantized model's as validation generated it, when recorded."""
     return [g["answer"] for g in golden or []
-            if g.get("prompt") == check.prompt and g.get("max_tokens") == check.max_tokens
+            if g.get("prompt") == check.key and g.get("max_tokens") == check.max_tokens
             and g.get("answer") is not None]
 
 
@@ -108,7 +129,7 @@ def check_endpoint(client: CompletionsClient, check: CompletionCheck,
         models = client.models()
         if client.model not in models:
             raise HealthCheckFailed(f"/v1/models lists {models}, not {client.model!r}")
-        done = client.complete(check.prompt, check.max_tokens)
+        done = client.ask(check)
     except httpx.HTTPStatusError as err:
         raise HealthCheckFailed(f"{err.request.url.path} answered {err.response.status_code}: "
                                 f"{err.response.text[:200]}") from None
@@ -117,8 +138,8 @@ def check_endpoint(client: CompletionsClient, check: CompletionCheck,
     references = golden_answers(golden, check)
     reference = references[0] if references else None
     if not answer_matches(done.text, check.expected, references):
-        raise HealthCheckFailed(f"completion of {check.prompt!r} was {done.text!r}; "
+        raise HealthCheckFailed(f"completion of {check.label} was {done.text!r}; "
                                 f"{expectation(check, golden)}")
-    return {"health": status, "models": models, "prompt": check.prompt,
+    return {"health": status, "models": models, "prompt": check.key,
             "completion": done.text, "expected": check.expected, "golden": reference,
             "latency_s": round(done.latency_s, 4)}

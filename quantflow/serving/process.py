@@ -33,6 +33,7 @@ WRAPPER = re.compile(r"See root cause above|See stack trace for root cause|initi
 EXCEPTION_LINE = re.compile(r"^(?:\((?P<proc>\w+)[^)]*\)\s+)?(?:ERROR\s+\S+\s+\S+\s+\[[^\]]*\]\s+)?"
                             r"(?P<exc>[\w.]*(?:Error|Exception)\b: .*)")
 ENGINE_PROCS = ("EngineCore", "Worker")
+MENTION = re.compile(r"\b\w*(Error|Exception)\b: ")
 
 
 def root_cause(lines: list[str]) -> str | None:
@@ -42,7 +43,11 @@ def root_cause(lines: list[str]) -> str | None:
     found = [(m.group("proc") or "", m.group("exc").strip()) for m in map(EXCEPTION_LINE.match, lines) if m]
     causes = [(proc, exc) for proc, exc in found if not WRAPPER.search(exc)]
     engine = [exc for proc, exc in causes if proc.startswith(ENGINE_PROCS)]
-    return (engine or [exc for _, exc in causes] or [exc for _, exc in found] or [None])[0]
+    first = (engine or [exc for _, exc in causes] or [exc for _, exc in found] or [None])[0]
+    if first is None:  # a format not seen before: the last line that names an exception at all
+        mentions = [ln.strip() for ln in lines if MENTION.search(ln)]
+        first = mentions[-1] if mentions else None
+    return first
 
 
 @dataclass

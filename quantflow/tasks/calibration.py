@@ -16,7 +16,7 @@ from quantflow.manifests import CalibrationManifest, CheckpointManifest
 from quantflow.profiling import measure
 from quantflow.store import ArtifactStore, digest_of
 from quantflow.tasks.policy import stage_task_options
-from quantflow.textdata import load_documents
+from quantflow.textdata import load_conversations, load_documents
 from quantflow.versions import tool_versions
 
 log = logging.getLogger("quantflow.calibration")
@@ -84,13 +84,25 @@ def check_samples(ids: torch.Tensor, cfg: CalibrationConfig, vocab_size: int) ->
     return stats, warnings
 
 
+def chat_documents(calibration: CalibrationConfig, tokenizer) -> list[str]:
+    """Conversations rendered with the model's own chat template, special tokens and all, as
+    an instruct model sees its inputs (llm-compressor's examples calibrate chat models so)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise StageError(STAGE, f"{FIELD}.format is chat, but the model's tokenizer has no chat "
+                         "template to render conversations with",
+                         f"set {FIELD}.format: text (a base model), or use the instruct model's tokenizer")
+    convs = load_conversations(calibration.source, STAGE, FIELD)
+    return [tokenizer.apply_chat_template(c, tokenize=False) for c in convs]
+
+
 def build_calibration(calibration: CalibrationConfig, checkpoint: CheckpointManifest,
                       output_uri: str) -> CalibrationManifest:
     store = ArtifactStore(output_uri)
     begin_outputs(store, STAGE)
     with measure() as usage:
-        docs = load_documents(calibration.source, STAGE, FIELD)
         tokenizer = load_tokenizer(checkpoint)  # stored by stage 1: no checkpoint download
+        docs = (chat_documents(calibration, tokenizer) if calibration.source.format == "chat"
+                else load_documents(calibration.source, STAGE, FIELD))
         budget = 2 * calibration.num_samples * calibration.seq_len
         stream = token_stream(docs, tokenizer, budget, calibration.seed)
         ids = sample_windows(stream, calibration.num_samples, calibration.seq_len, calibration.seed)

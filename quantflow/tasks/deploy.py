@@ -32,6 +32,7 @@ from quantflow.serving.process import (ServerFailed, ServerSpec, VllmServer, is_
 from quantflow.serving.proxy import (INSTALL_HINT, NginxProxy, ProxyFailed, internal_port, nginx_binary,
                                      stop_proxy)
 from quantflow.serving.registry import SERVER_TAG_ENV, DeploymentRegistry, state_dir
+from quantflow.serving.fidelity import FidelityFailed, compare_fidelity, served_slice
 from quantflow.serving.schemes import checkpoint_config, scheme_of_checkpoint
 from quantflow.serving.temporary import serving_device
 from quantflow.store import ArtifactStore
@@ -162,6 +163,13 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                 health = check_endpoint(client, deploy.health, golden)
             finally:
                 client.close()
+            fidelity = check_served_fidelity(report, spec.base_url, served_name, deploy)
+        except FidelityFailed as err:
+            server.stop()
+            raise StageError(STAGE, f"the new server does not serve the model validate judged; {keeps}. "
+                             f"{err}", "check that the checkpoint and the serving environment load the "
+                             "same weights (the server log is in "
+                             f"{spec.log_path}); validate's loading path is in the report's measured_by") from None
         except (ServerFailed, HealthCheckFailed) as err:
             tail = getattr(err, "log_tail", None) or server.log_tail()
             server.stop()
@@ -190,7 +198,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                   "checkpoint_sha256": quantized.checkpoint_sha256, "output_uri": output_uri,
                   "validation_report": validation.report_uri if validation else None,
                   "serving": {k: info.get(k) for k in ("flavor", "vllm_version")},
-                  "health": health, "deployed_at": now(), "backend": "local",
+                  "health": health, "served_fidelity": fidelity, "deployed_at": now(), "backend": "local",
                   "monitor": monitor.model_dump(mode="json") if monitor else None,
                   "auth": bool(api_key(deploy)), "api_key_env": deploy.api_key_env,
                   "golden": list(golden or []), "performance": expectation(report)}
@@ -206,6 +214,25 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
     store.write_json("deployment.json", record)
     log.info("deploy: %s live at %s", served_name, record["base_url"])
     return record
+
+
+def check_served_fidelity(report: dict, base_url: str, served_name: str, cfg: DeployConfig) -> dict | None:
+    """The new server's perplexity on validate's token windows, within the report's
+    tolerance of validate's number; FidelityFailed names both numbers otherwise."""
+    validated = report.get("served_fidelity")
+    if not validated:
+        return None
+    served = served_slice(base_url, served_name, validated["windows"], api_key(cfg), cfg.request_timeout_s)
+    result = compare_fidelity(validated, served, validated["max_delta_pct"])
+    log.info("deploy: served fidelity: perplexity %.4f served vs %.4f validated on the same %d tokens "
+             "(%+.2f%%, limit %.1f%%)", result["served_perplexity"], result["validated_perplexity"],
+             result["tokens"], result["delta_pct"], result["max_delta_pct"])
+    if not result["passed"]:
+        raise FidelityFailed(f"served perplexity {result['served_perplexity']} vs validated "
+                             f"{result['validated_perplexity']} on the same {result['tokens']} held-out tokens "
+                             f"({result['delta_pct']:+.2f}%, validation.served_fidelity.max_delta_pct "
+                             f"{result['max_delta_pct']})")
+    return result
 
 
 def route(cfg: DeployConfig, name: str, proxy: NginxProxy | None, active: dict | None,

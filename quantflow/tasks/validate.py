@@ -62,11 +62,12 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
         # The quantized model's own greedy answers to the health and probe prompts: a served
         # answer that starts like them shows the serving stack runs the validated model, even
         # where quantization changed the first word the baseline gave (and the gate allowed it).
-        prompts = [CompletionCheck(prompt=g["prompt"], max_tokens=g["max_tokens"])
+        prompts = [CompletionCheck(messages=g["messages"], max_tokens=g["max_tokens"]) if g.get("messages")
+                   else CompletionCheck(prompt=g["prompt"], max_tokens=g["max_tokens"])
                    for g in checkpoint.golden if g.get("answer") is not None]
         candidate = evaluate_model(local, validation, store, "quantized", STAGE, serving,
                                    trust_remote_code=checkpoint.model.trust_remote_code,
-                                   golden_prompts=prompts or None)
+                                   golden_prompts=prompts or None, fidelity=validation.served_fidelity)
         kl = None
         if validation.consistency.enabled and checkpoint.logprobs_uri:
             kl = mean_kl(load_logprobs(checkpoint.logprobs_uri,
@@ -98,6 +99,9 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
         }
         if performance is not None:
             report["performance"] = performance
+        if candidate.get("served_fidelity"):  # deploy compares the new server with these numbers
+            report["served_fidelity"] = {**candidate["served_fidelity"],
+                                         "max_delta_pct": validation.served_fidelity.max_delta_pct}
         if quantized.expert_coverage:
             report["expert_coverage"] = {k: v for k, v in quantized.expert_coverage.items() if k != "per_layer"}
         if candidate.get("golden"):
