@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from quantflow.demo.corpus import paragraphs, split_corpus
+from quantflow.demo.train import train_loop
 from quantflow.store import digest_of
 
 DEFAULT_ROOT = Path(".cache/fixtures")
-FIXTURE_VERSION = 1  # bump when the builder changes what it writes
+FIXTURE_VERSION = 2  # bump when the builder changes what it writes
 
 # A ChatML template: what Qwen-style instruct models ship in tokenizer_config.json.
 CHAT_TEMPLATE = (
@@ -112,25 +113,14 @@ def train_fixture(recipe: FixtureRecipe, demo_model: Path, out_dir: Path, log=pr
     ids = _training_ids(tok, split_corpus()["train"], chat)
     model = AutoModelForCausalLM.from_config(_config(recipe, tok))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    span = recipe.seq_len + 1
     start = time.monotonic()
-    model.train()
-    for step in range(recipe.steps):
-        for group in opt.param_groups:  # warm-up, then cosine
-            group["lr"] = recipe.lr * min(1.0, (step + 1) / 20) * 0.5 * (
-                1 + math.cos(math.pi * step / recipe.steps))
-        starts = torch.randint(0, len(ids) - span, (recipe.batch_size,), generator=gen)
-        batch = torch.stack([ids[s:s + span] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 40 == 0 or step == recipe.steps - 1:
-            log(f"  {recipe.family} fixture: step {step + 1}/{recipe.steps} loss {loss.item():.3f} "
-                f"({time.monotonic() - start:.0f}s)")
-    model.eval()
+
+    def lr_at(step: int) -> float:  # warm-up, then cosine
+        return recipe.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+
+    train_loop(model, opt, ids, recipe.steps, recipe.batch_size, recipe.seq_len, lr_at, recipe.seed,
+               lambda step, loss: log(f"  {recipe.family} fixture: step {step + 1}/{recipe.steps} "
+                                      f"loss {loss:.3f} ({time.monotonic() - start:.0f}s)"), every=40)
     model.generation_config.pad_token_id = tok.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

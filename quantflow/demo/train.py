@@ -47,6 +47,29 @@ def train_tokenizer(text: str, vocab_size: int, out_dir: Path):
     return tok
 
 
+def train_loop(model, opt, ids: torch.Tensor, steps: int, batch_size: int, seq_len: int, lr_at,
+               seed: int, report, every: int) -> None:
+    """Next-token training on random windows of `ids` (seeded), clipped at norm 1.0;
+    `report(step, loss)` every `every` steps and at the last. Shared by the demo model and
+    the fixtures of other families (fixtures.py)."""
+    gen = torch.Generator().manual_seed(seed)
+    span = seq_len + 1
+    model.train()
+    for step in range(steps):
+        starts = torch.randint(0, len(ids) - span, (batch_size,), generator=gen)
+        batch = torch.stack([ids[s:s + span] for s in starts.tolist()])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % every == 0 or step == steps - 1:
+            report(step, loss.item())
+    model.eval()
+
+
 def train_demo_model(train_text: str, out_dir: Path, recipe: DemoModelRecipe = DemoModelRecipe(),
                      log=print) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -73,23 +96,10 @@ def train_demo_model(train_text: str, out_dir: Path, recipe: DemoModelRecipe = D
         progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
         return recipe.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
-    gen = torch.Generator().manual_seed(recipe.seed)
-    span = recipe.seq_len + 1
-    model.train()
     start = time.monotonic()
-    for step in range(recipe.steps):
-        starts = torch.randint(0, len(ids) - span, (recipe.batch_size,), generator=gen)
-        batch = torch.stack([ids[s:s + span] for s in starts.tolist()])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == recipe.steps - 1:
-            log(f"  demo model: step {step + 1}/{recipe.steps} loss {loss.item():.3f} "
-                f"({time.monotonic() - start:.0f}s)")
+    train_loop(model, opt, ids, recipe.steps, recipe.batch_size, recipe.seq_len, lr_at, recipe.seed,
+               lambda step, loss: log(f"  demo model: step {step + 1}/{recipe.steps} loss {loss:.3f} "
+                                      f"({time.monotonic() - start:.0f}s)"), every=50)
     model.eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -195,13 +195,21 @@ def _load_per_expert(model_dir: str, dtype: torch.dtype, trust_remote_code: bool
     return model, problems
 
 
-def refusal(stage: str, what: str, model_dir: str, problems: LoadProblems) -> StageError:
+def refusal(stage: str, what: str, model_dir: str, problems: LoadProblems,
+            loaded: LoadedModel | None = None) -> StageError:
+    """The StageError for a load that left weights out, quoting the loader's own report.
+    After the per-expert fallback, both attempts are named."""
     report = "\n".join(f"    {ln}" for ln in problems.report[:REPORT_LINES])
     more = (f"\n    … {len(problems.report) - REPORT_LINES} more lines"
             if len(problems.report) > REPORT_LINES else "")
-    return StageError(stage, f"transformers did not load every weight of {what} ({model_dir}): "
-                      f"{problems.describe()}" + (f"\n  transformers' load report:\n{report}{more}"
-                                                  if report else ""),
+    if loaded is not None and loaded.fallback_from:
+        head = (f"transformers did not load every weight of {what} ({model_dir}): {loaded.fallback_from}; "
+                f"nor did the per-expert layout ({PATH_EXPERTS}): {problems.describe()}")
+        source = "the per-expert load's report"
+    else:
+        head = f"transformers did not load every weight of {what} ({model_dir}): {problems.describe()}"
+        source = "transformers' load report"
+    return StageError(stage, head + (f"\n  {source}:\n{report}{more}" if report else ""),
                       "nothing was measured on a partly loaded model. Check that the checkpoint "
                       "matches its config.json (architecture, expert count and names); for a "
                       "quantized mixture-of-experts checkpoint, that llm-compressor and "
@@ -230,6 +238,6 @@ def load_for_eval(model_dir: str | Path, dtype: str, device: str, trust_remote_c
         model, problems = _load_per_expert(model_dir, DTYPES[dtype], trust_remote_code)
         loaded = LoadedModel(model, tokenizer, PATH_EXPERTS, fallback_from)
     if problems:
-        raise refusal(stage, what, model_dir, problems)
+        raise refusal(stage, what, model_dir, problems, loaded)
     loaded.model.to(pick_device(device)).eval()
     return loaded

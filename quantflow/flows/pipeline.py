@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from dataclasses import asdict
 from typing import Any
 
@@ -15,11 +16,12 @@ from prefect.states import Completed, Failed
 from quantflow.artifacts import read_json_uri
 from quantflow.config import CompletionCheck, PipelineConfig
 from quantflow.folder_claims import claim_output
-from quantflow.errors import DiskFullError
+from quantflow.errors import DiskFullError, StageError
 from quantflow.flows.approval import wait_for_approval
 from quantflow.flows.stages import StageRecord, run_cached_stage
 from quantflow.reporting import checks_table, render_markdown
 from quantflow.checkpoints import model_config_of
+from quantflow.quantization.group_size import block_problem
 from quantflow.serving.compatibility import ensure_servable
 from quantflow.serving.schemes import scheme_for
 from quantflow.store import ArtifactStore
@@ -119,6 +121,10 @@ def check_servable_early(config: PipelineConfig) -> None:
     A recipe's or someone else's scheme is known only from the checkpoint: checked at deploy."""
     if not (config.deploy.enabled and config.deploy.backend == "local"):
         return
+    local = Path(config.model.id).expanduser()
+    problem = block_problem(config.quant, local if local.is_dir() else None)
+    if problem:
+        raise StageError("deploy", f"quant.fp8_scheme: {problem[0]}", problem[1])
     scheme = scheme_for(config.quant)
     if scheme is not None:
         ensure_servable(scheme, config.deploy, "deploy", f"quant ({config.quant.label})",

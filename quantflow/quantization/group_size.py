@@ -49,13 +49,13 @@ def _ignored(name: str, ignore: list[str]) -> bool:
     return False
 
 
-def layer_input_widths(model_dir: Path, ignore: list[str]) -> dict[str, int]:
-    """{module name: input width} of every 2-D weight that quantization would target, from
-    the safetensors headers (no tensor is read). Fused 3-D expert tensors are left to the
-    config fallback: their axis order differs between families."""
+def layer_shapes(model_dir: Path, ignore: list[str]) -> dict[str, tuple[int, int]]:
+    """{module name: (output, input) width} of every 2-D weight that quantization would
+    target, from the safetensors headers (no tensor is read). Fused 3-D expert tensors are
+    left to the config fallback: their axis order differs between families."""
     from quantflow.checkpoints import read_safetensors_header, shard_files
 
-    widths: dict[str, int] = {}
+    shapes: dict[str, tuple[int, int]] = {}
     for shard in shard_files(model_dir):
         for key, info in read_safetensors_header(shard).items():
             if key == "__metadata__" or not key.endswith(".weight") or _NOT_LINEAR.search(key):
@@ -63,8 +63,12 @@ def layer_input_widths(model_dir: Path, ignore: list[str]) -> dict[str, int]:
             shape = info.get("shape") or []
             module = key.removesuffix(".weight")
             if len(shape) == 2 and not _ignored(module, ignore):
-                widths[module] = int(shape[1])
-    return widths
+                shapes[module] = (int(shape[0]), int(shape[1]))
+    return shapes
+
+
+def layer_input_widths(model_dir: Path, ignore: list[str]) -> dict[str, int]:
+    return {name: shape[1] for name, shape in layer_shapes(model_dir, ignore).items()}
 
 
 def _by_width(layers: dict[str, int]) -> dict[int, list[str]]:
@@ -98,3 +102,32 @@ def group_size_problem(quant: QuantConfig, model_config: dict,
            + ", ".join(f"{k} reads {w} ({w} % {g} = {w % g})" for k, w in ragged.items()))
     return why, (f"set {choice}, which divides every input width ({', '.join(map(str, sorted(widths)))}); "
                  "or keep the odd layers in full precision with quant.ignore")
+
+
+FP8_BLOCK = 128  # compressed-tensors' FP8_BLOCK preset: 128 x 128 weight blocks
+
+
+def block_problem(quant: QuantConfig, model_dir: Path | None) -> tuple[str, str] | None:
+    """FP8 block quantization: vLLM refuses a layer whose output width is not a multiple of
+    the block (`Weight output_partition_size = 64 is not divisible by weight quantization
+    block_n = 128`) when the server loads, after quantize and validate. Checked from the
+    checkpoint's own shapes before any stage."""
+    if not (quant.method == "fp8" and quant.fp8_scheme == "block") or model_dir is None \
+            or not any(Path(model_dir).glob("*.safetensors")):
+        return None
+    from quantflow.checkpoints import read_config
+    from quantflow.quantization.architecture import full_precision_modules
+
+    ignore = [*quant.ignore, *full_precision_modules(read_config(Path(model_dir)))]
+    ragged = {name: shape for name, shape in layer_shapes(Path(model_dir), ignore).items()
+              if shape[0] % FP8_BLOCK or shape[1] % FP8_BLOCK}
+    if not ragged:
+        return None
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name, shape in sorted(ragged.items()):
+        by_shape.setdefault(shape, []).append(name)
+    listed = ", ".join(f"{names[0]}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+                       + f" is {shape[0]} x {shape[1]}" for shape, names in by_shape.items())
+    return (f"fp8 block quantization uses {FP8_BLOCK} x {FP8_BLOCK} blocks, and vLLM refuses layers whose "
+            f"widths are not multiples of {FP8_BLOCK}: {listed}",
+            "use fp8_scheme: dynamic (per channel), or keep those layers in full precision with quant.ignore")

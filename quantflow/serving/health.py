@@ -42,30 +42,24 @@ class CompletionsClient:
         r.raise_for_status()
         return [m["id"] for m in r.json()["data"]]
 
-    def complete(self, prompt: str, max_tokens: int) -> Completion:
+    def _generate(self, route: str, payload: dict, text_of) -> Completion:
         start = time.perf_counter()
-        r = self.http.post("/v1/completions", json={"model": self.model, "prompt": prompt,
-                                                     "max_tokens": max_tokens, "temperature": 0})
+        r = self.http.post(route, json={"model": self.model, **payload, "temperature": 0})
         latency = time.perf_counter() - start
         r.raise_for_status()
         body = r.json()
         usage = body.get("usage") or {}
-        return Completion(text=body["choices"][0]["text"], latency_s=latency,
+        return Completion(text=text_of(body["choices"][0]) or "", latency_s=latency,
                           completion_tokens=int(usage.get("completion_tokens", 0)),
                           prompt_tokens=int(usage.get("prompt_tokens", 0)))
 
+    def complete(self, prompt: str, max_tokens: int) -> Completion:
+        return self._generate("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens},
+                              lambda choice: choice["text"])
 
     def chat(self, messages: list[dict], max_tokens: int) -> Completion:
-        start = time.perf_counter()
-        r = self.http.post("/v1/chat/completions", json={"model": self.model, "messages": messages,
-                                                          "max_tokens": max_tokens, "temperature": 0})
-        latency = time.perf_counter() - start
-        r.raise_for_status()
-        body = r.json()
-        usage = body.get("usage") or {}
-        return Completion(text=body["choices"][0]["message"]["content"] or "", latency_s=latency,
-                          completion_tokens=int(usage.get("completion_tokens", 0)),
-                          prompt_tokens=int(usage.get("prompt_tokens", 0)))
+        return self._generate("/v1/chat/completions", {"messages": messages, "max_tokens": max_tokens},
+                              lambda choice: choice["message"]["content"])
 
     def ask(self, check: CompletionCheck) -> Completion:
         """A completion check's request: chat turns to /v1/chat/completions, a prompt to
