@@ -50,6 +50,7 @@ def main() -> int:
     from quantflow.evaluation.perplexity import perplexity
     from quantflow.errors import StageError
     from quantflow.quantization.architecture import describe
+    from quantflow.quantization.group_size import block_problem
     from quantflow.quantization.runner import quantize
     from quantflow.serving.compatibility import check_scheme
     from quantflow.serving.fidelity import served_slice
@@ -82,6 +83,12 @@ def main() -> int:
             for name in args.scheme or list(SCHEMES):
                 row = {"family": fam, "architecture": describe(config), "scheme": name}
                 q = with_architecture_ignores(QuantConfig.model_validate(SCHEMES[name]), config)
+                block = block_problem(q, model)
+                if block:  # the flow refuses it at flow start, from the checkpoint's shapes
+                    row.update(serves=False, reason=f"refused at flow start: {block[0]}")
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
                 out = work / f"{fam}-{name}"
                 start = time.perf_counter()
                 try:

@@ -275,3 +275,20 @@ def test_a_server_that_loads_experts_wrongly_fails_served_fidelity(quantized, tm
     msg = str(err.value)
     assert f"vs validated {round(validated['perplexity'], 4)}" in msg and "served perplexity" in msg, msg
     assert "validation.served_fidelity.max_delta_pct 5.0" in msg, msg
+
+
+def test_search_drops_fp8_block_on_layers_vllm_refuses_as_the_pipeline_does(moe_fixture):
+    """The fixture's 64-wide k_proj is refused by vLLM's 128 x 128 block kernels at load (measured:
+    docs/models.md). The search drops that candidate with the pipeline's own flow-start reason,
+    before any quantization or serving probe."""
+    import yaml
+
+    from conftest import REPO
+    from quantflow.config.search import Candidate, SearchConfig
+    from quantflow.flows.search import drop_reason
+
+    data = yaml.safe_load((REPO / "configs" / "demo-search.yaml").read_text())
+    data["model"] = {**data["model"], "id": str(moe_fixture("qwen3_moe"))}
+    config = SearchConfig.model_validate(data)
+    reason = drop_reason(config, Candidate.model_validate({"method": "fp8", "fp8_scheme": "block"}))
+    assert reason and "fp8 block quantization uses 128 x 128 blocks" in reason and "k_proj" in reason, reason

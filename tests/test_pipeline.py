@@ -240,7 +240,7 @@ def test_unservable_scheme_is_refused_before_quantizing(prefect_server, tmp_path
                 "--output-dir", str(out)], prefect_server)
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
     assert "FAILED in stage deploy" in run.stderr
-    assert "W8A16 (int, group 128, sym)" in run.stderr and "cannot serve on this host" in run.stderr
+    assert "W8A16 (int, group 128, sym)" in run.stderr and "cannot serve for LlamaForCausalLM on this host" in run.stderr
     assert "CPU" in run.stderr and "w8a8-int8" in run.stderr  # the host, and what serves instead
     summary = json.loads((out / "pipeline_summary.json").read_text())
     assert summary["outcome"] == "failed" and summary["stages"] == {}  # nothing ran, nothing quantized

@@ -209,7 +209,7 @@ def test_schemes_this_host_cannot_serve_are_refused_before_starting(quant, lenie
         deploy_model(CPU_SERVING, q, verdict, str(tmp_path), "cpu-refused")
     msg = str(err.value)
     scheme = scheme_for(QuantConfig.model_validate(quant))
-    assert scheme.label in msg and "cannot serve on this host" in msg
+    assert scheme.label in msg and "cannot serve for LlamaForCausalLM on this host" in msg, msg
     assert ("AVX2 CPU" in msg or "AVX-512 CPU" in msg) and "quantize to a scheme that serves here" in msg
     assert "w8a8-int8 (method: w8a8)" in msg  # measured to serve on every CPU
     assert vllm_serving("cpu-refused") == []
