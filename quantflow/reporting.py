@@ -59,6 +59,7 @@ def render_markdown(report: dict, chart_name: str | None, perf_chart: str | None
                                           if report["failed_checks"] else ""), "",
              f"Quantized checkpoint sha256: `{report['checkpoint_sha256']}`", "",
              *checks_rows(report["checks"])]
+    lines += measurement_lines(report)
     gens = report.get("generations")
     if gens:
         lines += ["", "## Greedy generations (baseline vs quantized)", ""]
@@ -70,6 +71,27 @@ def render_markdown(report: dict, chart_name: str | None, perf_chart: str | None
     if report.get("performance"):
         lines += performance_lines(report["performance"], perf_chart)
     return "\n".join(lines) + "\n"
+
+
+def measurement_lines(report: dict) -> list[str]:
+    """Which loader measured each model (an MoE checkpoint transformers cannot load is measured
+    through its per-expert layout) and how many calibration tokens each expert was routed."""
+    lines = []
+    by = report.get("measured_by") or {}
+    if by.get("quantized"):
+        lines += ["", "Measured by: " + "; ".join(f"{side} — {doc['path']}" for side, doc in by.items() if doc)]
+        why = (by["quantized"] or {}).get("fallback_from")
+        if why:
+            lines.append(f"(transformers' own load of the quantized model was refused: {why.splitlines()[0]})")
+    cov = report.get("expert_coverage")
+    if cov:
+        r = cov["routed_tokens"]
+        lines += ["", "## Expert calibration", "",
+                  f"Calibration tokens routed to each expert ({cov['layers']} layers × {cov['experts_per_layer']} "
+                  f"experts): min {r['min']}, median {_fmt(r['median'])}, max {r['max']}. "
+                  f"{len(cov['under_threshold'])} expert(s) under {cov['threshold']} tokens"
+                  + (f": {'; '.join(cov['under_threshold'][:8])}" if cov["under_threshold"] else "") + "."]
+    return lines
 
 
 def png_bytes(fig) -> bytes:

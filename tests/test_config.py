@@ -114,3 +114,29 @@ def test_search_names_repeated_schemes_apart():
                                   {"method": "gptq", "keep_sensitive": True}])
     assert [n for n, _ in spec.named()] == ["w8a8", "w8a8-2", "gptq-w4a16-g128-keep-sensitive"]
     assert spec.candidates[2].quant() == QuantConfig(method="gptq")  # keep_sensitive is the search's
+
+
+def _undescribed(schema: dict) -> list[str]:
+    models = {"": schema, **schema.get("definitions", {}), **schema.get("$defs", {})}
+    return [f"{model or schema['title']}.{name}" for model, node in models.items()
+            for name, prop in node.get("properties", {}).items() if not (prop.get("description") or "").strip()]
+
+
+def test_every_config_field_has_a_description_in_the_ui_form():
+    """The Prefect UI renders a deployment's run form from the flow's parameter schema, so
+    every field there, nested models included, must say what it does (issue 23)."""
+    from prefect.utilities.callables import parameter_schema
+
+    from quantflow.config import PipelineConfig
+    from quantflow.config.search import SearchConfig
+    from quantflow.flows.pipeline import quantize_pipeline
+    from quantflow.flows.search import quantize_search
+
+    for model in (PipelineConfig, SearchConfig):
+        schema = model.model_json_schema()
+        assert len(schema["$defs"]) >= 15 and not _undescribed(schema), _undescribed(schema)
+    for flow in (quantize_pipeline, quantize_search):
+        form = parameter_schema(flow.fn).model_dump()
+        assert form["definitions"] and not _undescribed(form), _undescribed(form)
+    threshold = PipelineConfig.model_json_schema()["$defs"]["PerplexityCheck"]["properties"]["max_increase_pct"]
+    assert "percent" in threshold["description"], threshold

@@ -200,6 +200,13 @@ def test_every_scheme_deploys_or_is_refused_at_flow_start(family, scheme, moe_fi
         report = json.loads((out / "validation_report.json").read_text())
         assert report["overall_pass"], report["summary"]
         assert report["measured_by"]["quantized"]["path"] in (PATH_DENSE, PATH_EXPERTS)
+        md = (out / "validation_report.md").read_text()
+        assert f"quantized — {report['measured_by']['quantized']['path']}" in md, md
+        if catalog()[scheme].needs_calibration:  # tokens routed to each expert, in the report
+            coverage = report["expert_coverage"]
+            layers = json.loads((moe_fixture(family) / "config.json").read_text())["num_hidden_layers"]
+            assert coverage["layers"] == layers and 0 <= coverage["routed_tokens"]["min"] <= coverage["routed_tokens"]["max"]
+            assert coverage["routed_tokens"]["max"] > 0 and "## Expert calibration" in md, coverage
         summary = json.loads((out / "pipeline_summary.json").read_text())
         assert {"deploy", "monitor"} <= set(summary["stages"]), summary["stages"]
         assert summary["quality_score"] is not None, summary  # the first monitoring round ran

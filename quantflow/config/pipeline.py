@@ -21,17 +21,28 @@ from quantflow.errors import ConfigError
 
 
 class PipelineConfig(StrictModel):
-    # Names the run's output folder, Prefect artifacts and served model.
     name: str = Field(default="quantflow", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    # Local folder or s3://bucket/prefix for every artifact; default runs/<name>.
+    """Names the run's output folder, Prefect artifacts and served model."""
     output_dir: str | None = None
+    """Local folder or s3://bucket/prefix for every artifact; default runs/<name>."""
     model: ModelSpec
+    """Stage 1: the full-precision checkpoint to quantize, and how it is loaded."""
     calibration: CalibrationConfig = CalibrationConfig()
+    """Stage 2: the calibration tokens (used by GPTQ, AWQ, W8A8 and static FP8; data-free schemes
+    skip it)."""
     quant: QuantConfig = QuantConfig()
+    """Stage 3: the quantization method and scheme, in AutoGPTQ/AutoAWQ vocabulary, run by llm-
+    compressor."""
     validation: ValidationConfig = ValidationConfig()
+    """Stage 4: the checks that judge the quantized model against the baseline, and their
+    thresholds (the quality gate)."""
     deploy: DeployConfig = DeployConfig()
+    """Stage 5: how the model that passed is served on vLLM (deploy.enabled: false stops after
+    validation)."""
     monitor: MonitorConfig = MonitorConfig()
+    """Stage 6: quality probes, latency alerts and the Prometheus exporter for the served model."""
     placement: PlacementConfig = PlacementConfig()
+    """Where stages run: in this flow's process (default) or on Prefect work pools per GPU class."""
 
     @property
     def output_uri(self) -> str:

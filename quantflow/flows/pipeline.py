@@ -104,7 +104,13 @@ def _timed(stage: str, fn, **kwargs) -> tuple[Any, StageRecord]:
 # set (a bytecode listing in the run log). quantflow reports through logging.
 @flow(name="quantize-pipeline", log_prints=False, validate_parameters=True)
 def quantize_pipeline(config: PipelineConfig) -> Any:
-    """Quantize a checkpoint, validate it against its baseline and deploy it only if it passes."""
+    """Quantize a checkpoint, validate it against its baseline and deploy it only if it passes.
+
+    Args:
+        config: The whole run, one section per stage (the fields of configs/*.yaml): the
+            checkpoint, calibration data, quantization scheme, quality gate, deployment and
+            monitoring.
+    """
     return run_summarized(config, _pipeline)
 
 

@@ -202,7 +202,12 @@ def _choose(config: SearchConfig, outcomes: list[dict]) -> dict | None:
 
 @flow(name="quantize-search", log_prints=False, validate_parameters=True)  # see flows/pipeline.py
 def quantize_search(config: SearchConfig) -> Any:
-    """Try quantization candidates against the gate; deploy the one the search chooses."""
+    """Try quantization candidates against the gate; deploy the one the search chooses.
+
+    Args:
+        config: A pipeline config plus `search`: the candidates to try, ladder or sweep, and
+            the objective (configs/demo-search.yaml).
+    """
     return run_summarized(config, _search)
 
 
