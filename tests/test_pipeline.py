@@ -102,8 +102,12 @@ def test_flow_deploys_then_reruns_from_cache(prefect_server, config_factory):
         assert again.is_completed(), again.message
         second = json.loads((out / "pipeline_summary.json").read_text())
         assert second["cache_hits"] == ["calibration", "checkpoint", "quantize", "validate"]
-        assert second["wall_s_excluding_deploy"] * 5 <= summary["wall_s_excluding_deploy"], (
-            second["wall_s_excluding_deploy"], summary["wall_s_excluding_deploy"])
+        # Answered from Prefect's cache, each once, computing nothing (the speed-up itself is
+        # measured by `make benchmark`, not timed here on shared cores).
+        for stage in second["cache_hits"]:
+            assert summary["stages"][stage]["cache_hit"] is False, summary["stages"][stage]
+            assert second["stages"][stage]["cache_hit"] is True, second["stages"][stage]
+            assert (second["stages"][stage]["state"], second["stages"][stage]["attempts"]) == ("Cached", 1), second["stages"][stage]
         redeployed = json.loads((out / "deployment.json").read_text())
         if deployment.get("proxy"):  # nginx (deploy.proxy auto, installed): one address, a new server behind it
             assert redeployed["base_url"] == deployment["base_url"]
