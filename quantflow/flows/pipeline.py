@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, Failed
 
 from quantflow.artifacts import read_json_uri
-from quantflow.config import CompletionCheck, PipelineConfig
+from quantflow.config import CompletionCheck, ModelSpec, PipelineConfig, QuantConfig
 from quantflow.folder_claims import claim_output
 from quantflow.errors import DiskFullError, StageError
 from quantflow.flows.approval import wait_for_approval
@@ -122,13 +122,19 @@ def golden_prompts(config: PipelineConfig) -> list[CompletionCheck]:
     return list(unique.values())
 
 
+def layer_shape_problem(quant: QuantConfig, model: ModelSpec) -> tuple[str, str] | None:
+    """(why, fix) when vLLM's kernels will refuse the local checkpoint's layer shapes for this
+    scheme (FP8 block sizes); None for hub ids, which are checked at quantize."""
+    local = Path(model.id).expanduser()
+    return block_problem(quant, local if local.is_dir() else None)
+
+
 def check_servable_early(config: PipelineConfig) -> None:
     """Refuse a scheme the deploy target cannot serve before hours of quantize + validate.
     A recipe's or someone else's scheme is known only from the checkpoint: checked at deploy."""
     if not (config.deploy.enabled and config.deploy.backend == "local"):
         return
-    local = Path(config.model.id).expanduser()
-    problem = block_problem(config.quant, local if local.is_dir() else None)
+    problem = layer_shape_problem(config.quant, config.model)
     if problem:
         raise StageError("deploy", f"quant.fp8_scheme: {problem[0]}", problem[1])
     scheme = scheme_for(config.quant)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -23,11 +22,10 @@ from prefect.states import Failed
 from quantflow.artifacts import read_json_uri
 from quantflow.config.search import Candidate, SearchConfig
 from quantflow.errors import StageError
-from quantflow.flows.pipeline import (GATE_STATE, Summary, golden_prompts, perplexity_of, release,
-                                      run_summarized, serving_inputs)
+from quantflow.flows.pipeline import (GATE_STATE, Summary, golden_prompts, layer_shape_problem, perplexity_of,
+                                      release, run_summarized, serving_inputs)
 from quantflow.flows.stages import StageRecord, run_cached_stage
 from quantflow.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest, ValidationManifest
-from quantflow.quantization.group_size import block_problem
 from quantflow.quantization.sensitivity import layer_pattern, render_sensitivity_chart
 from quantflow.search_report import (pareto_front, quality_loss, render_pareto_chart,
                                      render_search_markdown)
@@ -51,10 +49,9 @@ def drop_reason(config: SearchConfig, candidate: Candidate) -> str | None:
     """Why the deploy target cannot serve this candidate (None: it serves, or is not checked)."""
     if not (config.deploy.enabled and config.deploy.backend == "local"):
         return None
-    local = Path(config.model.id).expanduser()
-    block = block_problem(candidate.quant(), local if local.is_dir() else None)
-    if block:  # the pipeline's flow-start check: vLLM's block kernels refuse these layers
-        return block[0]
+    shapes = layer_shape_problem(candidate.quant(), config.model)
+    if shapes:  # the pipeline's flow-start check: vLLM's block kernels refuse these layers
+        return shapes[0]
     scheme = scheme_for(candidate.quant())
     if scheme is None:
         return None
