@@ -80,7 +80,7 @@ def measurement_lines(report: dict) -> list[str]:
     by = report.get("measured_by") or {}
     if by.get("quantized"):
         lines += ["", "Measured by: " + "; ".join(f"{side} — {doc['path']}" for side, doc in by.items() if doc)]
-        why = (by["quantized"] or {}).get("fallback_from")
+        why = by["quantized"].get("fallback_from")
         if why:
             lines.append(f"(transformers' own load of the quantized model was refused: {why.splitlines()[0]})")
     cov = report.get("expert_coverage")
