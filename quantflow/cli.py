@@ -51,6 +51,24 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     # llm-compressor repeats "No accelerator available!" per layer on CPU machines.
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "INFO" if verbose else "ERROR")
+    if sys.stderr.isatty():
+        progress = logging.getLogger("quantflow.progress")
+        progress.addHandler(ProgressLine(sys.stderr))
+        progress.propagate = False
+
+
+class ProgressLine(logging.Handler):
+    """On a terminal, each stage's progress (quantflow/progress.py) is one line rewritten in
+    place and closed at 100%; elsewhere (logs, CI) the throttled records print as lines."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        pct = getattr(record, "quantflow_pct", None)
+        self.stream.write(f"\r\x1b[K{record.getMessage()}" + ("\n" if pct is None or pct >= 100 else ""))
+        self.stream.flush()
 
 
 def run_pipeline(config, show_completion: bool = True, note: str | None = None, flow_fn=None) -> int:

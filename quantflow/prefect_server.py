@@ -50,9 +50,11 @@ def local_home() -> Path:
     return state_dir() / "prefect"
 
 
-def ensure_local_server(port: int = DEFAULT_PORT, timeout_s: float = 120, embedded: bool = True) -> str:
+def ensure_local_server(port: int = DEFAULT_PORT, timeout_s: float = 120, embedded: bool = True,
+                        ui_api_url: str | None = None) -> str:
     """API URL of the local server, starting it if it is not running. `embedded` (quantflow
-    run, make demo) strips PostgreSQL/Redis settings; `make up` keeps them."""
+    run, make demo) strips PostgreSQL/Redis settings; `make up` keeps them. `ui_api_url`:
+    where the UI in a browser sends its API calls (platform/ui_proxy.py); default the server."""
     running = running_local_server()
     if running:
         return running
@@ -69,6 +71,12 @@ def ensure_local_server(port: int = DEFAULT_PORT, timeout_s: float = 120, embedd
         env = embedded_env(env)
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_API_HOST="127.0.0.1")
+    # The UI asks /ui-settings where the API is; unset, Prefect answers port 4200 whatever
+    # port the server runs on, and a UI on any other port shows an empty workspace (or
+    # another server's runs).
+    env.setdefault("PREFECT_UI_API_URL", ui_api_url or api_url)
+    # A 503 (SQLite "database is locked") is otherwise answered without a trace in server.log.
+    env.setdefault("PREFECT_API_LOG_RETRYABLE_ERRORS", "true")
     prefect_bin = str(Path(sys.executable).with_name("prefect"))
     proc, started = start_detached([prefect_bin, "server", "start", "--host", "127.0.0.1",
                                     "--port", str(port)], home / "server.log", env)

@@ -175,9 +175,10 @@ CONFIG_CASES = [
     ("unknown_key", {"quant.xyzzy": 1}, ["quant.xyzzy: unknown key", "see the configs/ examples"]),
     ("misspelt_key", {"calibration.num_sample": 8}, ["calibration.num_sample", "did you mean 'num_samples'?"]),
     ("misspelt_legacy_key", {"quant.damp_precent": 0.1}, ["quant.damp_precent", "did you mean 'damp_percent'?"]),
-    ("wrong_type", {"quant.bits": "four"}, ["quant.bits", "valid integer"]),
+    ("wrong_type", {"calibration.num_samples": "many"}, ["calibration.num_samples", "valid integer"]),
+    ("bits_not_allowed", {"quant.bits": 5}, ["quant.bits", "Input should be 2, 3, 4 or 8"]),
     ("unknown_scheme", {"quant.method": "int4"}, ["quant.method", "'gptq', 'awq', 'rtn'"]),
-    ("group_size_not_allowed", {"quant.group_size": 100}, ["quant.group_size=100", "allowed: -1, 32, 64, 128"]),
+    ("group_size_not_allowed", {"quant.group_size": 100}, ["quant.group_size", "Input should be -1, 32, 64 or 128"]),
     ("port_out_of_range", {"deploy.port": 80}, ["deploy.port", "greater than or equal to 1024"]),
 ]
 

@@ -38,10 +38,10 @@ class QuantConfig(StrictModel):
     """Quantization algorithm: gptq, awq, rtn (round to nearest, data-free), fp8, w8a8 (SmoothQuant
     + GPTQ, INT8 weights and activations), w8a16, nvfp4, mxfp4, recipe (your own llm-compressor
     recipe) or prequantized (validate someone else's checkpoint)."""
-    bits: int = 4
+    bits: Literal[2, 3, 4, 8] = 4
     """Weight bits for gptq, rtn (2, 3, 4, 8) and awq (3, 4); AutoAWQ's w_bit. Other methods fix
     their own."""
-    group_size: int = 128
+    group_size: Literal[-1, 32, 64, 128] = 128
     """Weights sharing one scale along the input dimension (32, 64, 128), or -1 for one scale per
     output channel; AutoAWQ's q_group_size. Must divide every quantized layer's input width."""
     sym: bool | None = None
@@ -120,9 +120,6 @@ class QuantConfig(StrictModel):
             if self.bits not in allowed:
                 raise ValueError(f"quant.bits={self.bits} is not supported for method {m!r}; "
                                  f"allowed: {', '.join(map(str, allowed))}")
-            if self.group_size not in ALLOWED_GROUP_SIZES:
-                raise ValueError(f"quant.group_size={self.group_size} is not supported; allowed: "
-                                 f"{', '.join(map(str, ALLOWED_GROUP_SIZES))} (-1 = per channel)")
         else:
             given = self._changed("bits", "group_size", "sym", "actorder")
             if given:

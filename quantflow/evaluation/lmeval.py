@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from quantflow.config import LmEvalCheck, LmEvalTask
+from quantflow.progress import report
 
 
 def _quiet() -> None:
@@ -79,14 +80,15 @@ def run_lm_eval(check: LmEvalCheck, model=None, tokenizer=None, model_dir: str =
     lm, model_args = _model_and_args(check.backend, model, tokenizer, model_dir, check,
                                      max_length, endpoint)
     results: dict[str, dict] = {}
-    by_shots: dict[int | None, list[str]] = {}
-    for t in check.tasks:
-        by_shots.setdefault(t.num_fewshot, []).append(t.name)
-    for shots, tasks in by_shots.items():
-        out = lm_eval.simple_evaluate(model=lm, model_args=model_args, tasks=tasks,
-                                      task_manager=manager, num_fewshot=shots, limit=check.limit,
+    # One task per call, so progress can say "task k of n" (a task's metrics do not depend
+    # on which tasks share its call: lm-eval seeds and builds each task on its own).
+    for k, t in enumerate(check.tasks):
+        report("lm-eval", k, len(check.tasks), f"lm-eval task {k + 1} of {len(check.tasks)}: {t.name}")
+        out = lm_eval.simple_evaluate(model=lm, model_args=model_args, tasks=[t.name],
+                                      task_manager=manager, num_fewshot=t.num_fewshot, limit=check.limit,
                                       log_samples=False, bootstrap_iters=0)
         for name, metrics in out["results"].items():
             results[name] = {k: (float(v) if isinstance(v, (int, float)) else v)
                              for k, v in metrics.items() if "_stderr" not in k}
+    report("lm-eval", len(check.tasks), len(check.tasks), f"lm-eval: {len(check.tasks)} tasks done")
     return results

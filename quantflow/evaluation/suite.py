@@ -18,6 +18,7 @@ from quantflow.evaluation.fidelity import fidelity_windows, model_slice
 from quantflow.evaluation.loading import load_for_eval
 from quantflow.evaluation.perplexity import perplexity
 from quantflow.errors import StageError
+from quantflow.progress import report
 from quantflow.store import ArtifactStore, read_uri
 from quantflow.textdata import joined_text, load_documents
 
@@ -43,6 +44,12 @@ def golden_answers(model, tok, checks: list[CompletionCheck]) -> list[dict[str, 
         out.append({"prompt": check.key, "max_tokens": check.max_tokens, "messages": messages,
                     "answer": tok.decode(ids, skip_special_tokens=True)})
     return out
+
+
+def evaluation_phases(validation: ValidationConfig) -> list[str]:
+    """The progress phases evaluate_model reports, in order (progress.py)."""
+    return [*(["perplexity"] if validation.perplexity.enabled else []),
+            *(["lm-eval"] if validation.lm_eval.enabled else [])]
 
 
 def evaluate_model(model_dir: str | Path, validation: ValidationConfig, store: ArtifactStore,
@@ -74,7 +81,7 @@ def evaluate_model(model_dir: str | Path, validation: ValidationConfig, store: A
         log.info("%s: perplexity (window %d, stride %s)", name, ppl_cfg.window, ppl_cfg.stride or "=window")
         res = perplexity(model, tok, [text], window=ppl_cfg.window, stride=ppl_cfg.stride,
                          batch_size=ppl_cfg.batch_size, max_tokens=ppl_cfg.max_tokens,
-                         progress=lambda i, n: log.debug("%s: perplexity window %d/%d", name, i, n))
+                         progress=lambda i, n: report("perplexity", i, n, f"perplexity window {i} of {n}"))
         metrics["perplexity"] = res.as_dict()
         log.info("%s: perplexity %.4f over %d tokens", name, res.perplexity, res.tokens)
     cons = validation.consistency

@@ -26,6 +26,7 @@ from quantflow.flows.pipeline import (GATE_STATE, Summary, golden_prompts, layer
                                       release, run_summarized, serving_inputs)
 from quantflow.flows.stages import StageRecord, run_cached_stage
 from quantflow.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest, ValidationManifest
+from quantflow.progress import report, stage_progress
 from quantflow.quantization.sensitivity import layer_pattern, render_sensitivity_chart
 from quantflow.search_report import (pareto_front, quality_loss, render_pareto_chart,
                                      render_search_markdown)
@@ -152,6 +153,7 @@ def _run_candidates(config: SearchConfig, todo: list[tuple[str, Candidate]], ckp
             except Exception as err:  # noqa: BLE001 - one broken candidate does not end the search
                 log.error("search: %s failed: %s", n, err)
                 results.append(_outcome(n, c, "error", f"{type(err).__name__}: {err}"))
+            report("candidates", len(results), len(todo), f"candidate {len(results)} of {len(todo)} evaluated: {n}")
         if config.search.mode == "ladder" and any(r["status"] == "passed" for r in results):
             break
     return results
@@ -240,7 +242,9 @@ def _search(config: SearchConfig, summary: Summary) -> Any:
         summary.add(rec)
     rankings = _sensitivities(config, todo, ckpt, calib, summary, store)
 
-    for result in _run_candidates(config, todo, ckpt, calib, rankings):
+    with stage_progress("search", ["candidates"]):
+        results = _run_candidates(config, todo, ckpt, calib, rankings)
+    for result in results:
         for r in result.pop("records", []):
             summary.add(StageRecord(**r))
         outcomes[result["name"]] = result

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from quantflow.platform.topology import check_services, load_env_file
+from quantflow.platform.ui_proxy import proxy_port, start_ui_proxy, stop_ui_proxy
 from quantflow.prefect_server import ensure_local_server, stop_local_server
 from quantflow.processes import group_members, reused, start_detached, stop_groups
 from quantflow.serving.registry import state_dir
@@ -33,8 +34,10 @@ def _prefect_bin() -> str:
 
 
 def client_env(api_url: str) -> dict[str, str]:
-    return {**os.environ, "PREFECT_API_URL": api_url, "QUANTFLOW_HOME": str(REPO),
-            "QUANTFLOW_STATE_DIR": str(state_dir())}
+    # PREFECT_LOGGING_EXTRA_LOGGERS: quantflow's own log lines (each stage's progress, the
+    # gate's verdict) go to the run's logs in the UI, not only to the worker's stderr.
+    return {"PREFECT_LOGGING_EXTRA_LOGGERS": "quantflow", **os.environ, "PREFECT_API_URL": api_url,
+            "QUANTFLOW_HOME": str(REPO), "QUANTFLOW_STATE_DIR": str(state_dir())}
 
 
 def create_pools_and_limits(api_url: str, pools=POOLS, slots=GPU_SLOTS) -> None:
@@ -120,13 +123,17 @@ def up(port: int = 4200, pools=POOLS, with_workers: bool = True, env_file: str |
     topology = check_services()
     log.info("Prefect database: %s; messaging and stage locks: %s",
              topology["database_url"], topology["broker"])
-    api_url = ensure_local_server(port=port, embedded=False)
+    ui_port = proxy_port(topology["database_url"])
+    ui_api_url = f"http://127.0.0.1:{ui_port}/api" if ui_port else None
+    api_url = ensure_local_server(port=port, embedded=False, ui_api_url=ui_api_url)
+    ui_proxy = start_ui_proxy(state_dir() / "ui-proxy", ui_port, port) if ui_port else None
     results_uri = os.environ.get("QUANTFLOW_RESULTS_URI")
     if results_uri:
         configure_result_storage(api_url, results_uri)
     create_pools_and_limits(api_url, pools)
     register_deployments(api_url)
-    record = {"api_url": api_url, "port": port, "topology": topology,
+    record = {"api_url": api_url, "port": port, "topology": topology, "ui_proxy": ui_proxy,
+              "ui_api_url": ui_api_url,
               "workers": start_workers(api_url, pools, per_pool=per_pool, limit=worker_limit)
               if with_workers else {}}
     from quantflow.platform.automations import install_automations, install_recovery
@@ -144,13 +151,15 @@ def restart_server() -> str:
     same database (workers and flow runs reconnect; used to prove nothing is lost)."""
     record = json.loads((state_dir() / RECORD).read_text())
     stop_local_server()
-    return ensure_local_server(port=record["port"], embedded=False)
+    return ensure_local_server(port=record["port"], embedded=False, ui_api_url=record.get("ui_api_url"))
 
 
 def down() -> None:
     path = state_dir() / RECORD
     if path.exists():
         # Workers turn SIGTERM into a clean shutdown; all are stopped at once.
-        stop_groups(list(json.loads(path.read_text()).get("workers", {}).values()), waits=(15, 5, 5))
+        record = json.loads(path.read_text())
+        stop_groups(list(record.get("workers", {}).values()), waits=(15, 5, 5))
+        stop_ui_proxy(record.get("ui_proxy"))
         path.unlink()
     stop_local_server()

@@ -13,6 +13,7 @@ from quantflow.config import ModelSpec, QuantConfig
 from quantflow.quantization import cpu_pinning
 from quantflow.quantization.architecture import expert_count
 from quantflow.quantization.expert_coverage import count_expert_tokens
+from quantflow.quantization.layer_progress import layer_progress
 from quantflow.quantization.recipes import recipe_yaml, streaming_scheme
 
 log = logging.getLogger("quantflow.quantize")
@@ -79,7 +80,8 @@ def run_oneshot(model_dir: Path, q: QuantConfig, calib_ids: torch.Tensor | None,
     text_cfg = model.config.get_text_config()
     experts = expert_count(text_cfg.to_dict())
     with count_expert_tokens(model, experts, getattr(text_cfg, "num_experts_per_tok", 0) or 0,
-                             len(calib_ids) if calib_ids is not None else 0) as counted:
+                             len(calib_ids) if calib_ids is not None else 0) as counted, \
+            layer_progress(model):
         oneshot(model=model, tokenizer=tokenizer, recipe=recipe_yaml(q), **kwargs)
     if coverage is not None:
         coverage.update(counted)

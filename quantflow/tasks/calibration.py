@@ -17,6 +17,7 @@ from quantflow.profiling import measure
 from quantflow.store import ArtifactStore, digest_of
 from quantflow.tasks.policy import stage_task_options
 from quantflow.textdata import load_conversations, load_documents
+from quantflow.progress import report, stage_progress
 from quantflow.versions import tool_versions
 
 log = logging.getLogger("quantflow.calibration")
@@ -35,6 +36,7 @@ def token_stream(docs: list[str], tokenizer, needed: int, seed: int) -> list[int
         stream.extend(tokenizer(docs[i], add_special_tokens=False)["input_ids"])
         if sep is not None:
             stream.append(sep)
+        report("tokenizing", min(len(stream), needed), needed, f"tokenized {len(stream)} of {needed} tokens")
         if len(stream) >= needed:
             break
     return stream
@@ -99,7 +101,7 @@ def build_calibration(calibration: CalibrationConfig, checkpoint: CheckpointMani
                       output_uri: str) -> CalibrationManifest:
     store = ArtifactStore(output_uri)
     begin_outputs(store, STAGE)
-    with measure() as usage:
+    with measure() as usage, stage_progress(STAGE, ["tokenizing"]):
         tokenizer = load_tokenizer(checkpoint)  # stored by stage 1: no checkpoint download
         docs = (chat_documents(calibration, tokenizer) if calibration.source.format == "chat"
                 else load_documents(calibration.source, STAGE, FIELD))

@@ -13,9 +13,10 @@ from quantflow.checkpoints import read_config, read_safetensors_header, resolve_
 from quantflow.config import CompletionCheck, DeployConfig, ModelSpec, ValidationConfig
 from quantflow.content_digest import DigestMemo
 from quantflow.errors import StageError
-from quantflow.evaluation.suite import evaluate_model
+from quantflow.evaluation.suite import evaluate_model, evaluation_phases
 from quantflow.manifests import CheckpointManifest
 from quantflow.profiling import measure
+from quantflow.progress import report, stage_progress
 from quantflow.store import ArtifactStore, digest_of
 from quantflow.tasks.policy import stage_task_options
 from quantflow.versions import tool_versions
@@ -60,7 +61,7 @@ def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_ur
     # Dispatched stages get their parameters back as JSON.
     golden_prompts = [CompletionCheck.model_validate(c) for c in golden_prompts or []]
     begin_outputs(store, STAGE)
-    with measure() as usage:
+    with measure() as usage, stage_progress(STAGE, ["hashing", *evaluation_phases(validation)]):
         path = resolve_model(model)
         config = read_config(path)
         shards = shard_files(path)
@@ -69,7 +70,10 @@ def prepare_checkpoint(model: ModelSpec, validation: ValidationConfig, output_ur
         # Through the digest memo, so the later stages' check of these shards
         # (artifacts.local_checkpoint) costs a stat while the files are unchanged.
         memo = DigestMemo()
-        hashes = {s.name: memo.file_digest(s) for s in shards}
+        hashes = {}
+        for i, shard in enumerate(shards):
+            hashes[shard.name] = memo.file_digest(shard)
+            report("hashing", i + 1, len(shards), f"hashed shard {i + 1} of {len(shards)}")
         memo.save()
         arch = architecture(config, headers, shards)
         if arch["params"] == 0:

@@ -17,6 +17,7 @@ from quantflow.config import ModelSpec, QuantConfig
 from quantflow.errors import StageError
 from quantflow.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest
 from quantflow.profiling import measure
+from quantflow.progress import report, stage_progress
 from quantflow.quantization.architecture import describe, full_precision_modules
 from quantflow.quantization.expert_coverage import summarize, warn_if_starved
 from quantflow.quantization.group_size import group_size_problem
@@ -95,7 +96,7 @@ def quantize_model(quant: QuantConfig, checkpoint: CheckpointManifest,
     begin_outputs(store, STAGE)
     scratch = store.scratch_dir(OUTPUT)
     try:
-        with measure() as usage:
+        with measure() as usage, stage_progress(STAGE, ["decoder layers", "writing"]):
             coverage = None
             if quant.method == "prequantized":
                 entry = _copy_prequantized(quant, scratch)
@@ -118,6 +119,7 @@ def quantize_model(quant: QuantConfig, checkpoint: CheckpointManifest,
                              coverage["routed_tokens"]["median"], coverage["routed_tokens"]["max"],
                              coverage["layers"], coverage["experts_per_layer"])
                 (scratch / "quantflow_recipe.yaml").write_text(recipe)
+            report("writing", 0, 1, "writing the compressed checkpoint")
             qconfig = json.loads((scratch / "config.json").read_text()).get("quantization_config", {})
             files = tree_sha256(scratch)
             size = sum(p.stat().st_size for p in scratch.glob("*.safetensors"))

@@ -14,9 +14,10 @@ from quantflow.config import CompletionCheck, DeployConfig, ValidationConfig
 from quantflow.errors import StageError
 from quantflow.evaluation.compare import compare
 from quantflow.evaluation.consistency import mean_kl
-from quantflow.evaluation.suite import evaluate_model, load_logprobs
+from quantflow.evaluation.suite import evaluate_model, evaluation_phases, load_logprobs
 from quantflow.manifests import CheckpointManifest, QuantizedManifest, ValidationManifest, now
 from quantflow.profiling import measure
+from quantflow.progress import stage_progress
 from quantflow.model_card import CARD, render_card
 from quantflow.reporting import render_chart, render_markdown, render_performance_chart
 from quantflow.store import ArtifactStore
@@ -52,7 +53,8 @@ def validate_model(validation: ValidationConfig, checkpoint: CheckpointManifest,
                    serving: DeployConfig | None = None) -> ValidationManifest:
     store = ArtifactStore(output_uri)
     begin_outputs(store, STAGE)
-    with measure() as usage:
+    phases = [*evaluation_phases(validation), *(["performance"] if validation.performance.enabled else [])]
+    with measure() as usage, stage_progress(STAGE, phases):
         baseline_doc = read_json_uri(checkpoint.baseline_uri)
         check_baseline_unchanged(baseline_doc, checkpoint)
         if baseline_doc["validation_config"] != validation.for_baseline().model_dump(mode="json"):
