@@ -82,8 +82,8 @@ def run_lm_eval(check: LmEvalCheck, model=None, tokenizer=None, model_dir: str =
     results: dict[str, dict] = {}
     # One task per call, so progress can say "task k of n" (a task's metrics do not depend
     # on which tasks share its call: lm-eval seeds and builds each task on its own).
-    for k, t in enumerate(check.tasks):
-        report("lm-eval", k, len(check.tasks), f"lm-eval task {k + 1} of {len(check.tasks)}: {t.name}")
+    for i, t in enumerate(check.tasks):
+        report("lm-eval", i, len(check.tasks), f"lm-eval task {i + 1} of {len(check.tasks)}: {t.name}")
         out = lm_eval.simple_evaluate(model=lm, model_args=model_args, tasks=[t.name],
                                       task_manager=manager, num_fewshot=t.num_fewshot, limit=check.limit,
                                       log_samples=False, bootstrap_iters=0)

@@ -18,23 +18,16 @@ such lock and needs no proxy.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from pathlib import Path
 
 import httpx
 
 from quantflow.processes import start_detached, stop_groups
-from quantflow.serving.proxy import nginx_binary
+from quantflow.serving.proxy import internal_port, nginx_binary
 
 log = logging.getLogger("quantflow.platform")
 TRIES = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def render_conf(listen_port: int, api_port: int) -> str:
@@ -87,7 +80,7 @@ def proxy_port(database_url: str) -> int | None:
                     "a form submission can fail with 'Something went wrong' when SQLite is busy "
                     "(`make system-packages` installs nginx-light; PostgreSQL avoids it)")
         return None
-    return free_port()
+    return internal_port()
 
 
 def start_ui_proxy(prefix: Path, listen_port: int, api_port: int, timeout_s: float = 20) -> dict:
