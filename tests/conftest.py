@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -24,29 +23,22 @@ os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.chdir(REPO)  # configs refer to .cache/demo relative to the repository root
 
+from quantflow.serving import ports  # noqa: E402  (after the state folders are set)
+
 SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
 needs_serving = pytest.mark.skipif(not SERVE_PYTHON.exists(),
                                    reason="serving environment missing: run `make serve-env`")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below the ephemeral range: a port chosen at setup and bound minutes later by a deploy
+    # must not be taken meanwhile by an outgoing connection's local end.
+    return ports.free_port()
 
 
 def free_port_pair() -> int:
     """A port p such that p and p + 1 are free (blue/green deploys use both)."""
-    for _ in range(50):
-        p = free_port()
-        if p < 65000:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p + 1))
-                    return p
-                except OSError:
-                    continue
-    raise RuntimeError("no free port pair")
+    return ports.free_port(consecutive=2)
 
 
 @pytest.fixture(scope="session", autouse=True)

