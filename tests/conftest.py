@@ -237,3 +237,21 @@ def no_nginx_left():
                for p in psutil.process_iter(["cmdline", "create_time"])
                if "nginx: master" in " ".join(p.info["cmdline"] or []) and prefix in " ".join(p.info["cmdline"])]
     stop_groups(masters)
+
+
+# What a test needs, read off the fixtures it requests (transitively) and the serving skip it
+# carries, so the marks `make test-fast` deselects by cannot drift from the code: a test that
+# takes the demo model is slow, one that takes the Prefect server is integration, one that
+# probes or starts vLLM is serving. Marks written on a test by hand stay.
+FIXTURE_MARKS = {"demo_dir": "slow", "prefect_server": "integration",
+                 "served_quant": "serving", "avx2_python": "serving"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        needs = {mark for fixture, mark in FIXTURE_MARKS.items() if fixture in getattr(item, "fixturenames", ())}
+        if any(m.kwargs.get("reason") == needs_serving.kwargs["reason"] for m in item.iter_markers("skipif")):
+            needs.add("serving")
+        for mark in sorted(needs - {m.name for m in item.iter_markers()}):
+            item.add_marker(getattr(pytest.mark, mark))

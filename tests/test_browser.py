@@ -30,12 +30,14 @@ except ImportError:  # the module skips below, saying so
 
 def browser_reason() -> str | None:
     if not Path(CHROMIUM).exists():
-        return (f"no Chromium at {CHROMIUM}: `make system-packages` installs Debian's chromium "
-                "(or set QUANTFLOW_CHROMIUM)")
+        # Not in requirements/debian.txt yet: these tests have not passed under pytest.
+        return (f"no Chromium at {CHROMIUM}: install Debian's chromium (`apt-get install chromium`) "
+                "or set QUANTFLOW_CHROMIUM; it is not part of `make system-packages` yet")
     try:
         import playwright  # noqa: F401
     except ImportError:
-        return "playwright is not installed in the pipeline environment (`make setup`)"
+        return ("playwright is not installed in the pipeline environment: "
+                "`.venv/bin/uv pip install --python .venv/bin/python playwright==1.65.2 pyee==13.0.1`")
     return None
 
 
