@@ -247,11 +247,15 @@ FIXTURE_MARKS = {"demo_dir": "slow", "prefect_server": "integration",
                  "served_quant": "serving", "avx2_python": "serving"}
 
 
+def needed_marks(item) -> set[str]:
+    needs = {mark for fixture, mark in FIXTURE_MARKS.items() if fixture in getattr(item, "fixturenames", ())}
+    if any(m.kwargs.get("reason") == needs_serving.kwargs["reason"] for m in item.iter_markers("skipif")):
+        needs.add("serving")
+    return needs
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection reads the marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        needs = {mark for fixture, mark in FIXTURE_MARKS.items() if fixture in getattr(item, "fixturenames", ())}
-        if any(m.kwargs.get("reason") == needs_serving.kwargs["reason"] for m in item.iter_markers("skipif")):
-            needs.add("serving")
-        for mark in sorted(needs - {m.name for m in item.iter_markers()}):
+        for mark in sorted(needed_marks(item) - {m.name for m in item.iter_markers()}):
             item.add_marker(getattr(pytest.mark, mark))

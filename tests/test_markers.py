@@ -4,16 +4,12 @@ starts vLLM."""
 
 from __future__ import annotations
 
-from conftest import FIXTURE_MARKS, needs_serving
+from conftest import needed_marks
 
 
 def test_marks_say_what_each_test_needs(request):
     items = request.session.items
     assert any(i.name == "test_marks_say_what_each_test_needs" for i in items)
     for item in items:
-        marks = {m.name for m in item.iter_markers()}
-        for fixture, mark in FIXTURE_MARKS.items():
-            if fixture in item.fixturenames:
-                assert mark in marks, f"{item.nodeid} takes {fixture} but is not marked {mark}"
-        if any(m.kwargs.get("reason") == needs_serving.kwargs["reason"] for m in item.iter_markers("skipif")):
-            assert "serving" in marks, f"{item.nodeid} needs the serving environment but is not marked serving"
+        missing = needed_marks(item) - {m.name for m in item.iter_markers()}
+        assert not missing, f"{item.nodeid} needs what {sorted(missing)} marks, but is not marked so"
