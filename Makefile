@@ -102,7 +102,7 @@ benchmark-search: setup
 
 quality-table: setup
 	$(VENV)/bin/python -m quantflow.demo
-	$(VENV)/bin/python -m quantflow.quality_table --out docs/quality-table.md
+	$(VENV)/bin/python -m quantflow.demo.quality_table --out docs/quality-table.md
 
 clean: stop down
 	rm -rf runs .quantflow

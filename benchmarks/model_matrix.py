@@ -40,7 +40,7 @@ SCHEMES = {
 def main() -> int:
     from transformers import AutoTokenizer
 
-    from quantflow.checkpoints import read_config
+    from quantflow.storage.checkpoints import read_config
     from quantflow.config import DeployConfig, QuantConfig
     from quantflow.demo.assets import DEFAULT_DIR, build_demo_assets
     from quantflow.demo.corpus import split_corpus

@@ -122,7 +122,7 @@ def child_copy(model_dir: str, out: str) -> dict:
 
 def child_read(model_dir: str, how: str) -> dict:
     """Every shard read once: plainly (the disk's speed) or through quantflow's sha256."""
-    from quantflow.store import CHUNK, file_sha256
+    from quantflow.storage.hashing import CHUNK, file_sha256
 
     shards = sorted(Path(model_dir).glob("*.safetensors"))
 
@@ -499,7 +499,7 @@ def main() -> None:
             measure_demo(work, results)
     finally:
         if not args.gpu:
-            from quantflow.prefect_server import stop_local_server
+            from quantflow.platform.prefect_server import stop_local_server
 
             stop_local_server()
         results["benchmark_s"] = round(time.perf_counter() - started, 1)

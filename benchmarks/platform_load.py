@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from services import pg_query, production_services, services_reason  # noqa: E402
 
-from quantflow.submit import PrefectREST  # noqa: E402
+from quantflow.platform.submit import PrefectREST  # noqa: E402
 
 DEPLOYMENT = "quantize-pipeline/quantize-pipeline"
 LOG_ERRORS = re.compile(r"database is locked|retryable status code 5\d\d|Server error '5\d\d")

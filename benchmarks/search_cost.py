@@ -48,7 +48,7 @@ def fresh_env(work: Path, variant: str) -> None:
     root = work / variant
     os.environ.update({"QUANTFLOW_STATE_DIR": str(root / "state"), "QUANTFLOW_CACHE": str(root / "cache"),
                        "PREFECT_HOME": str(root / "prefect")})
-    from quantflow.prefect_server import ensure_local_server, stop_local_server
+    from quantflow.platform.prefect_server import ensure_local_server, stop_local_server
 
     stop_local_server()
     ensure_local_server()  # started before the clock: every variant pays only for its work
@@ -99,7 +99,7 @@ def search(work: Path) -> dict:
 
 def main() -> None:
     from quantflow.demo.assets import build_demo_assets
-    from quantflow.prefect_server import stop_local_server
+    from quantflow.platform.prefect_server import stop_local_server
 
     build_demo_assets(REPO / ".cache" / "demo", log=lambda *_: None)
     work = (REPO / ".cache" / "bench" / f"search-{os.getpid()}").resolve()

@@ -74,8 +74,8 @@ class ProgressLine(logging.Handler):
 def run_pipeline(config, show_completion: bool = True, note: str | None = None, flow_fn=None) -> int:
     """Run the pipeline flow (or `flow_fn`, e.g. the search flow) and map its outcome to the
     exit code."""
-    from quantflow.prefect_server import prefect_api, ui_url
-    from quantflow.store import ArtifactStore
+    from quantflow.platform.prefect_server import prefect_api, ui_url
+    from quantflow.storage.store import ArtifactStore
 
     if flow_fn is None:
         from quantflow.flows.pipeline import quantize_pipeline as flow_fn
@@ -91,7 +91,7 @@ def run_pipeline(config, show_completion: bool = True, note: str | None = None, 
         summary["scheme_choice"] = note
         store.write_json("pipeline_summary.json", summary)
     if flow_fn.name == "quantize-search" and store.exists("search_report.json"):
-        from quantflow.search_report import print_search_table
+        from quantflow.reports.search_report import print_search_table
 
         print_search_table(store.read_json("search_report.json"), store.uri("search_report.md"))
     _print_summary(summary, state)
@@ -113,7 +113,7 @@ def run_pipeline(config, show_completion: bool = True, note: str | None = None, 
 
 
 def _folder_in_use(state) -> Exception | None:
-    from quantflow.folder_claims import FolderInUse
+    from quantflow.storage.folder_claims import FolderInUse
 
     if not state.is_failed():
         return None
@@ -250,7 +250,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
           f"compressed-tensors {versions.get('compressed-tensors')}")
     model_config = None
     if args.model:
-        from quantflow.checkpoints import model_config_of
+        from quantflow.storage.checkpoints import model_config_of
         from quantflow.config import ModelSpec
         from quantflow.quantization.architecture import describe as describe_arch
 
@@ -285,7 +285,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from quantflow.monitoring.exporter_process import stop_exporter
-    from quantflow.prefect_server import stop_local_server
+    from quantflow.platform.prefect_server import stop_local_server
     from quantflow.serving.registry import DeploymentRegistry
 
     for record in DeploymentRegistry().stop_all():
@@ -304,7 +304,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     from quantflow.flows.monitoring import quality_monitor
-    from quantflow.prefect_server import prefect_api
+    from quantflow.platform.prefect_server import prefect_api
 
     with prefect_api():
         state = quality_monitor(deployment=args.deployment, load_requests=args.load,
@@ -323,8 +323,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Create a run of the quantize-pipeline (or quantize-search) deployment through the REST API."""
     from quantflow.config import load_config
     from quantflow.config.search import load_search_config
-    from quantflow.prefect_server import configured_api_url, running_local_server
-    from quantflow.submit import PrefectREST
+    from quantflow.platform.prefect_server import configured_api_url, running_local_server
+    from quantflow.platform.submit import PrefectREST
 
     search = args.deployment.split("/")[0] == "quantize-search"
     if search and not args.config:

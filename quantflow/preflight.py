@@ -16,7 +16,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from quantflow.checkpoints import looks_like_path, read_config, read_safetensors_header, shard_files
+from quantflow.storage.checkpoints import looks_like_path, read_config, read_safetensors_header, shard_files
 from quantflow.config import PipelineConfig, QuantConfig, TextSource
 from quantflow.errors import InputError, StageError
 from quantflow.quantization.group_size import group_size_problem

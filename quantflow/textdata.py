@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quantflow.checkpoints import looks_like_path
+from quantflow.storage.checkpoints import looks_like_path
 from quantflow.config import TextSource
 from quantflow.errors import StageError, TransientError
 

@@ -78,7 +78,7 @@ def prefect_server():
     """A real Prefect server (SQLite) for the session, like the demo's embedded default."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    from quantflow.prefect_server import ensure_local_server, stop_local_server
+    from quantflow.platform.prefect_server import ensure_local_server, stop_local_server
 
     url = ensure_local_server(port=free_port())
     with temporary_settings(updates={PREFECT_API_URL: url,

@@ -415,7 +415,7 @@ def test_disk_filling_up_during_a_write_leaves_no_partial_file(small_disk, tmp_p
     """The store's writes (temp file + rename, and a folder copied across disks) say the disk
     is full, name the file, and leave neither a temp file nor a partial folder."""
     from quantflow.errors import DiskFullError
-    from quantflow.store import ArtifactStore
+    from quantflow.storage.store import ArtifactStore
 
     store = ArtifactStore(str(small_disk / "run"))
     store.write_json("small.json", {"ok": True})

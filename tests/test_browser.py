@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port
-from quantflow.submit import PrefectREST
+from quantflow.platform.submit import PrefectREST
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 CHROMIUM = os.environ.get("QUANTFLOW_CHROMIUM", "/usr/bin/chromium")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from quantflow import content_digest
-from quantflow.content_digest import path_digest, task_folder_digest
+from quantflow.storage import content_digest
+from quantflow.storage.content_digest import path_digest, task_folder_digest
 from quantflow.flows.pipeline import GATE_STATE, quantize_pipeline
 
 slow = pytest.mark.slow  # the pipeline tests; the memo test is fast

@@ -70,7 +70,7 @@ def test_chat_model_calibrates_validates_and_deploys_with_chat_probes(moe_fixtur
         assert deployment["served_fidelity"]["passed"], deployment["served_fidelity"]
         from quantflow.monitoring.monitor import state_uri
         from quantflow.monitoring.state import load_state
-        from quantflow.store import ArtifactStore
+        from quantflow.storage.store import ArtifactStore
 
         state = load_state(ArtifactStore(state_uri(deployment, cfg.monitor)), cfg.name)
         chat_probe = [r for r in state.history if r["prompt"].startswith("chat:")]

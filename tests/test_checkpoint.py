@@ -9,7 +9,7 @@ import pytest
 
 from quantflow.config import ModelSpec, ValidationConfig
 from quantflow.errors import StageError
-from quantflow.store import file_sha256
+from quantflow.storage.hashing import file_sha256
 from quantflow.tasks.checkpoint import prepare_checkpoint
 
 
@@ -87,7 +87,7 @@ def test_later_stages_refuse_a_checkpoint_changed_after_stage_one(demo_model, qu
     the stage that would read it, naming the file."""
     from safetensors.torch import load_file, save_file
 
-    from quantflow.artifacts import local_checkpoint
+    from quantflow.storage.artifacts import local_checkpoint
 
     model = _copy(demo_model, tmp_path)
     m = prepare_checkpoint(ModelSpec(id=str(model)), quick_validation, str(tmp_path / "out"))

@@ -26,11 +26,12 @@ import yaml
 
 from conftest import needs_serving
 from helpers import complete, stop_deployment, vllm_serving
-from quantflow.artifacts import load_calibration, marker
-from quantflow.manifests import CalibrationManifest
+from quantflow.storage.artifacts import load_calibration, marker
+from quantflow.storage.manifests import CalibrationManifest
 from quantflow.processes import group_members
 from quantflow.serving.registry import DeploymentRegistry
-from quantflow.store import ArtifactStore, digest_of, tree_sha256
+from quantflow.storage.hashing import digest_of, tree_sha256
+from quantflow.storage.store import ArtifactStore
 
 pytestmark = [pytest.mark.slow]
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from quantflow.config import build_config
-from quantflow.folder_claims import CLAIMS, FolderInUse, claim_output
+from quantflow.storage.folder_claims import CLAIMS, FolderInUse, claim_output
 
 
 def _cfg(tmp_path: Path, **quant) -> object:

@@ -18,7 +18,7 @@ import yaml
 from prometheus_server import (RULE_TESTS, RULES, SCRAPE_CONFIG, alert_rules, dashboard_exprs, needs_promtool,
                                promtool, selectors)
 from quantflow.config import DeployConfig
-from quantflow.manifests import QuantizedManifest
+from quantflow.storage.manifests import QuantizedManifest
 from quantflow.serving.kubernetes import render
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from services import REDIS_HOST, REDIS_PORT, redis_reason
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from quantflow.locks import FileLocks, RedisLocks
+    from quantflow.storage.locks import FileLocks, RedisLocks
     kind, key, where = sys.argv[1:4]
     locks = FileLocks(Path(where)) if kind == "file" else RedisLocks(lease_s=600)
     assert locks.acquire_lock(key, "holder-a")
@@ -49,7 +49,7 @@ def check_lock_is_exclusive_and_freed_by_a_kill(locks, proc: subprocess.Popen, k
 
 
 def test_file_lock_is_exclusive_and_dies_with_its_process(tmp_path):
-    from quantflow.locks import FileLocks
+    from quantflow.storage.locks import FileLocks
 
     key = f"quantflow-test-{uuid.uuid4().hex}"
     proc = start_holder("file", key, str(tmp_path))
@@ -63,7 +63,7 @@ def test_redis_lock_is_exclusive_and_broken_when_its_holder_dies(monkeypatch):
     reason = redis_reason()
     if reason:
         pytest.skip(reason)
-    from quantflow.locks import RedisLocks
+    from quantflow.storage.locks import RedisLocks
 
     env = {"PREFECT_REDIS_MESSAGING_HOST": REDIS_HOST, "PREFECT_REDIS_MESSAGING_PORT": str(REDIS_PORT),
            "PREFECT_REDIS_MESSAGING_DB": "13"}
@@ -81,7 +81,7 @@ def test_redis_lock_is_exclusive_and_broken_when_its_holder_dies(monkeypatch):
 
 
 def test_lock_manager_follows_prefects_broker_setting(monkeypatch):
-    from quantflow.locks import FileLocks, RedisLocks, stage_lock_manager
+    from quantflow.storage.locks import FileLocks, RedisLocks, stage_lock_manager
 
     monkeypatch.delenv("PREFECT_MESSAGING_BROKER", raising=False)
     assert isinstance(stage_lock_manager(), FileLocks)

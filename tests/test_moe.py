@@ -45,7 +45,7 @@ def quantized(moe_fixture, tmp_path_factory):
     quantize stage's own runner, with the architecture's router ignores."""
     from transformers import AutoTokenizer
 
-    from quantflow.checkpoints import read_config
+    from quantflow.storage.checkpoints import read_config
     from quantflow.config import QuantConfig
     from quantflow.quantization.runner import quantize
     from quantflow.tasks.quantize import with_architecture_ignores
@@ -260,7 +260,7 @@ def test_a_server_that_loads_experts_wrongly_fails_served_fidelity(quantized, tm
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    from quantflow.checkpoints import read_config
+    from quantflow.storage.checkpoints import read_config
     from quantflow.config import DeployConfig
     from quantflow.evaluation.fidelity import fidelity_windows, model_slice
     from quantflow.serving.compatibility import check_scheme

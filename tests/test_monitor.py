@@ -20,7 +20,7 @@ from quantflow.monitoring.monitor import load_round, state_uri
 from quantflow.monitoring.state import load_state
 from quantflow.serving.process import ServerSpec, VllmServer, vllm_args
 from quantflow.serving.registry import DeploymentRegistry
-from quantflow.store import ArtifactStore
+from quantflow.storage.store import ArtifactStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving, needs_serving]
 SEED_METRICS = ("llm_quantization_quality_score", "llm_inference_latency_seconds",

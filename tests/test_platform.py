@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port
-from quantflow.submit import PrefectREST
+from quantflow.platform.submit import PrefectREST
 from services import moto_server, pg_query, production_services, services_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -28,7 +28,7 @@ def test_embedded_server_drops_external_services():
 def test_embedded_server_stays_on_sqlite_when_postgres_is_exported(tmp_path, monkeypatch):
     """A shell that exports the platform's settings (here a PostgreSQL that does not even
     exist) still gets the self-contained demo server."""
-    from quantflow.prefect_server import ensure_local_server, stop_local_server
+    from quantflow.platform.prefect_server import ensure_local_server, stop_local_server
 
     monkeypatch.setenv("QUANTFLOW_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"postgresql+asyncpg://nobody@127.0.0.1:{CLOSED}/none")

@@ -14,7 +14,7 @@ import pytest
 from conftest import make_config
 from fault_proxy import FaultProxy
 from quantflow.errors import StageError
-from quantflow.store import digest_of
+from quantflow.storage.hashing import digest_of
 from services import moto_server
 
 pytestmark = [pytest.mark.slow]
@@ -114,7 +114,7 @@ def test_s3_503_is_retried_then_tampered_objects_are_recomputed_or_refused(prefe
     import torch
 
     from quantflow.flows.pipeline import quantize_pipeline
-    from quantflow.store import cache_root
+    from quantflow.storage.hashing import cache_root
 
     proxy, fs = s3
     root = f"{BUCKET}/{uuid.uuid4().hex[:8]}"

@@ -19,7 +19,7 @@ from conftest import REPO, free_port, free_port_pair, needs_serving
 from helpers import complete, stop_deployment, vllm_serving
 from quantflow.config.search import SearchConfig
 from quantflow.flows.search import quantize_search
-from quantflow.manifests import QuantizedManifest
+from quantflow.storage.manifests import QuantizedManifest
 from quantflow.serving.registry import DeploymentRegistry
 
 pytestmark = [pytest.mark.slow]

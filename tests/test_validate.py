@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from quantflow.config import CalibrationConfig, ModelSpec, QuantConfig, ValidationConfig
-from quantflow.manifests import QuantizedManifest
-from quantflow.store import digest_of, tree_sha256
+from quantflow.storage.manifests import QuantizedManifest
+from quantflow.storage.hashing import digest_of, tree_sha256
 from quantflow.tasks.calibration import build_calibration
 from quantflow.tasks.checkpoint import prepare_checkpoint
 from quantflow.tasks.quantize import quantize_model

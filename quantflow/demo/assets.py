@@ -17,7 +17,7 @@ from pathlib import Path
 
 from quantflow.demo.corpus import paragraphs, split_corpus
 from quantflow.demo.train import DemoModelRecipe, train_demo_model
-from quantflow.store import digest_of
+from quantflow.storage.hashing import digest_of
 
 DEFAULT_DIR = Path(".cache/demo")
 DATA_VERSION = 2  # bump when the data or task files written here change

@@ -22,7 +22,7 @@ import torch
 
 from quantflow.demo.corpus import paragraphs, split_corpus
 from quantflow.demo.train import train_loop
-from quantflow.store import digest_of
+from quantflow.storage.hashing import digest_of
 
 DEFAULT_ROOT = Path(".cache/fixtures")
 FIXTURE_VERSION = 2  # bump when the builder changes what it writes

@@ -7,7 +7,7 @@ docs/serving.md for the numbers).
 
 from __future__ import annotations
 
-from quantflow.checkpoints import model_config_of
+from quantflow.storage.checkpoints import model_config_of
 from quantflow.config import PipelineConfig
 from quantflow.serving.compatibility import check_scheme
 from quantflow.serving.schemes import catalog, scheme_for

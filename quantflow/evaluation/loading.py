@@ -160,7 +160,7 @@ def _load_per_expert(model_dir: str, dtype: torch.dtype, trust_remote_code: bool
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantflow.checkpoints import shard_files
+    from quantflow.storage.checkpoints import shard_files
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     qconfig = QuantizationConfig.model_validate(config.quantization_config)

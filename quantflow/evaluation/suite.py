@@ -19,7 +19,7 @@ from quantflow.evaluation.loading import load_for_eval
 from quantflow.evaluation.perplexity import perplexity
 from quantflow.errors import StageError
 from quantflow.progress import report
-from quantflow.store import ArtifactStore, read_uri
+from quantflow.storage.store import ArtifactStore, read_uri
 from quantflow.textdata import joined_text, load_documents
 
 log = logging.getLogger("quantflow.evaluate")

@@ -5,11 +5,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pydantic import BaseModel
+
 from quantflow.errors import StageError
-from quantflow.flows.stages import STAGE_DEPLOYMENT, jsonable
-from quantflow.store import ArtifactStore
+from quantflow.storage.store import ArtifactStore
 
 log = logging.getLogger("quantflow.pipeline")
+
+# The deployment of flows/stages.py's stage_flow, one per work pool. The name lives here so
+# that stages.py imports this module and not the other way round.
+STAGE_DEPLOYMENT = "quantflow-stage"
+
+
+def jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in kwargs.items()}
 
 
 def deployment_name(pool: str) -> str:

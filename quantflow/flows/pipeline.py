@@ -13,18 +13,18 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, Failed
 
-from quantflow.artifacts import read_json_uri
+from quantflow.storage.artifacts import read_json_uri
 from quantflow.config import CompletionCheck, ModelSpec, PipelineConfig, QuantConfig
-from quantflow.folder_claims import claim_output
+from quantflow.storage.folder_claims import claim_output
 from quantflow.errors import DiskFullError, StageError
 from quantflow.flows.approval import wait_for_approval
 from quantflow.flows.stages import StageRecord, run_cached_stage
-from quantflow.reporting import checks_table, render_markdown
-from quantflow.checkpoints import model_config_of
+from quantflow.reports.reporting import checks_table, render_markdown
+from quantflow.storage.checkpoints import model_config_of
 from quantflow.quantization.group_size import block_problem
 from quantflow.serving.compatibility import ensure_servable
 from quantflow.serving.schemes import scheme_for
-from quantflow.store import ArtifactStore
+from quantflow.storage.store import ArtifactStore
 from quantflow.tasks.deploy import deploy_task
 from quantflow.tasks.monitor import monitor_task
 from quantflow.profiling import measure

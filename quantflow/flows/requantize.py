@@ -8,11 +8,12 @@ import logging
 
 from prefect import flow
 
-from quantflow.checkpoints import cheap_fingerprint, looks_like_path
+from quantflow.storage.checkpoints import cheap_fingerprint, looks_like_path
 from quantflow.config import PipelineConfig, TextSource
 from quantflow.flows.pipeline import quantize_pipeline
-from quantflow.content_digest import path_digest
-from quantflow.store import ArtifactStore, digest_of
+from quantflow.storage.content_digest import path_digest
+from quantflow.storage.hashing import digest_of
+from quantflow.storage.store import ArtifactStore
 from quantflow.tasks.policy import code_digest, recipe_digest
 from quantflow.versions import tool_versions
 

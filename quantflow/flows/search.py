@@ -19,21 +19,22 @@ from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from quantflow.artifacts import read_json_uri
+from quantflow.storage.artifacts import read_json_uri
 from quantflow.config.search import Candidate, SearchConfig
 from quantflow.errors import StageError
 from quantflow.flows.pipeline import (GATE_STATE, Summary, golden_prompts, layer_shape_problem, perplexity_of,
                                       release, run_summarized, serving_inputs)
 from quantflow.flows.stages import StageRecord, run_cached_stage
-from quantflow.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest, ValidationManifest
+from quantflow.storage.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest, ValidationManifest
 from quantflow.progress import report, stage_progress
 from quantflow.quantization.sensitivity import layer_pattern, render_sensitivity_chart
-from quantflow.search_report import (pareto_front, quality_loss, render_pareto_chart,
+from quantflow.reports.search_report import (pareto_front, quality_loss, render_pareto_chart,
                                      render_search_markdown)
-from quantflow.checkpoints import model_config_of
+from quantflow.storage.checkpoints import model_config_of
 from quantflow.serving.compatibility import cannot_serve, check_scheme
 from quantflow.serving.schemes import scheme_for
-from quantflow.store import ArtifactStore, digest_of
+from quantflow.storage.hashing import digest_of
+from quantflow.storage.store import ArtifactStore
 from quantflow.tasks.sensitivity import sensitivity_task
 
 log = logging.getLogger("quantflow.search")

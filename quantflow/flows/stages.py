@@ -20,12 +20,13 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from pydantic import BaseModel
 
-from quantflow.manifests import (CalibrationManifest, CheckpointManifest, Manifest, QuantizedManifest,
+from quantflow.storage.manifests import (CalibrationManifest, CheckpointManifest, Manifest, QuantizedManifest,
                                  ValidationManifest)
 from quantflow.errors import DiskFullError, StageError
+from quantflow.flows.dispatch import STAGE_DEPLOYMENT, dispatch_stage
 from quantflow.profiling import measure
-from quantflow.artifacts import changed_outputs, marker
-from quantflow.store import ArtifactStore, is_disk_full
+from quantflow.storage.artifacts import changed_outputs, marker
+from quantflow.storage.store import ArtifactStore, is_disk_full
 from quantflow.tasks.calibration import calibration_task
 from quantflow.tasks.checkpoint import checkpoint_task
 from quantflow.tasks.policy import attempts_of
@@ -41,7 +42,6 @@ CACHED_STAGES: dict[str, tuple[Any, type[Manifest], tuple[str, ...]]] = {
     "quantize": (quantize_task, QuantizedManifest, ("quantized_model/config.json",)),
     "validate": (validate_task, ValidationManifest, ("validation_report.json",)),
 }
-STAGE_DEPLOYMENT = "quantflow-stage"
 # Stages that run in this process take turns. llm-compressor keeps one global session per
 # process, and model loading patches module construction process-wide (meta-device init):
 # two stages loading models in threads of one process (a search's candidates) corrupted each
@@ -76,8 +76,6 @@ def run_cached_stage(name: str, output_uri: str, pool: str | None = None,
     _, manifest_type, _ = CACHED_STAGES[name]
     record = StageRecord(stage=name, pool=pool)
     if pool:
-        from quantflow.flows.dispatch import dispatch_stage
-
         start = time.perf_counter()
         payload = dispatch_stage(name, pool, output_uri, kwargs, False, timeout_s)
         record.wall_s = round(time.perf_counter() - start, 3)
@@ -154,10 +152,6 @@ def _result(state: State, stage: str, timeout_s: float | None, attempts: int = 1
             full.attempts = attempts  # type: ignore[attr-defined]
             raise full from err
         raise
-
-
-def jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in kwargs.items()}
 
 
 @flow(name=STAGE_DEPLOYMENT, log_prints=False)  # see flows/pipeline.py

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from quantflow.manifests import now
+from quantflow.storage.manifests import now
 from quantflow.monitoring.state import MonitorState
 
 log = logging.getLogger("quantflow.monitor")

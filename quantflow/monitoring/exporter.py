@@ -22,7 +22,7 @@ from quantflow.config import MonitorConfig
 from quantflow.monitoring.monitor import state_uri
 from quantflow.monitoring.state import MonitorState, load_state
 from quantflow.serving.registry import DeploymentRegistry
-from quantflow.store import ArtifactStore
+from quantflow.storage.store import ArtifactStore
 
 log = logging.getLogger("quantflow.exporter")
 

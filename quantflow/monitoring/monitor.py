@@ -14,7 +14,7 @@ from quantflow.monitoring.alerts import raise_alert
 from quantflow.monitoring.probes import run_probes
 from quantflow.monitoring.state import load_state, save_state
 from quantflow.serving.health import CompletionsClient
-from quantflow.store import ArtifactStore
+from quantflow.storage.store import ArtifactStore
 
 log = logging.getLogger("quantflow.monitor")
 

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from quantflow.config import CompletionCheck
-from quantflow.manifests import now
+from quantflow.storage.manifests import now
 from quantflow.monitoring.state import MonitorState
 from quantflow.serving.health import CompletionsClient, answer_matches, golden_answers
 

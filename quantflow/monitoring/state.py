@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from quantflow.store import ArtifactStore
+from quantflow.storage.store import ArtifactStore
 
 # Seconds; covers sub-100 ms CPU completions up to multi-second long generations.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -7,7 +7,7 @@ import logging
 
 from quantflow.platform.local import POOLS, down, up
 from quantflow.platform.topology import TopologyError
-from quantflow.prefect_server import ui_url
+from quantflow.platform.prefect_server import ui_url
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from quantflow.platform.topology import check_services, load_env_file
 from quantflow.platform.ui_proxy import proxy_port, start_ui_proxy, stop_ui_proxy
-from quantflow.prefect_server import ensure_local_server, stop_local_server
+from quantflow.platform.prefect_server import ensure_local_server, stop_local_server
 from quantflow.processes import group_members, reused, start_detached, stop_groups
 from quantflow.serving.registry import state_dir
 

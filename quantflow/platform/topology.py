@@ -5,7 +5,7 @@ the environment (or an env file such as infra/single-box.env).
   unset, the server keeps SQLite under .quantflow/prefect.
 - `PREFECT_MESSAGING_BROKER=prefect_redis.messaging` (with `PREFECT_REDIS_MESSAGING_*`)
   selects Redis for messaging, the event cache, causal ordering and concurrency leases;
-  quantflow's stage locks follow it (quantflow/locks.py).
+  quantflow's stage locks follow it (quantflow/storage/locks.py).
 
 The embedded default (`quantflow run`, `make demo`) never uses them: its server is started
 with these variables removed, so a shell that exports them for `make up` still gets a
@@ -69,7 +69,7 @@ def redact(url: str) -> str:
 
 
 def describe() -> dict[str, str]:
-    from quantflow.locks import redis_configured
+    from quantflow.storage.locks import redis_configured
 
     url = database_url()
     redis = redis_configured()

@@ -53,7 +53,7 @@ def layer_shapes(model_dir: Path, ignore: list[str]) -> dict[str, tuple[int, int
     """{module name: (output, input) width} of every 2-D weight that quantization would
     target, from the safetensors headers (no tensor is read). Fused 3-D expert tensors are
     left to the config fallback: their axis order differs between families."""
-    from quantflow.checkpoints import read_safetensors_header, shard_files
+    from quantflow.storage.checkpoints import read_safetensors_header, shard_files
 
     shapes: dict[str, tuple[int, int]] = {}
     for shard in shard_files(model_dir):
@@ -115,7 +115,7 @@ def block_problem(quant: QuantConfig, model_dir: Path | None) -> tuple[str, str]
     if not (quant.method == "fp8" and quant.fp8_scheme == "block") or model_dir is None \
             or not any(Path(model_dir).glob("*.safetensors")):
         return None
-    from quantflow.checkpoints import read_config
+    from quantflow.storage.checkpoints import read_config
     from quantflow.quantization.architecture import full_precision_modules
 
     ignore = [*quant.ignore, *full_precision_modules(read_config(Path(model_dir)))]

@@ -116,7 +116,7 @@ def render_sensitivity_chart(docs: list[dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from quantflow.reporting import png_bytes
+    from quantflow.reports.reporting import png_bytes
 
     fig, axes = plt.subplots(1, len(docs), figsize=(max(4.0, 0.35 * len(docs[0]["layers"]) + 2) * len(docs),
                                                     3.2), squeeze=False)

@@ -25,7 +25,7 @@ from quantflow.serving.probe_model import build_probe_model, probe_architecture
 from quantflow.serving.process import vllm_env
 from quantflow.serving.schemes import Scheme, catalog, method_hint, scheme_for
 from quantflow.serving.temporary import serving_device
-from quantflow.store import cache_root, digest_of
+from quantflow.storage.hashing import cache_root, digest_of
 
 log = logging.getLogger("quantflow.serving")
 PROBE_SCRIPT = Path(__file__).with_name("kernel_probe.py")

@@ -11,8 +11,9 @@ import hashlib
 import json
 
 from quantflow.errors import StageError
-from quantflow.manifests import QuantizedManifest, ValidationManifest
-from quantflow.store import CARD_FILE, read_uri
+from quantflow.storage.manifests import QuantizedManifest, ValidationManifest
+from quantflow.storage.hashing import CARD_FILE
+from quantflow.storage.store import read_uri
 
 STAGE = "deploy"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from quantflow.config import DeployConfig
 from quantflow.errors import StageError
-from quantflow.manifests import QuantizedManifest, now
+from quantflow.storage.manifests import QuantizedManifest, now
 from quantflow.serving.process import engine_args
 
 STAGE = "deploy"

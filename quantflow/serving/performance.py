@@ -28,7 +28,7 @@ from quantflow.evaluation.compare import check_result
 from quantflow.serving.environment import cpu_model, describe, serving_python
 from quantflow.serving.process import vllm_args
 from quantflow.serving.temporary import serving_device, temporary_server
-from quantflow.store import cache_root, digest_of
+from quantflow.storage.hashing import cache_root, digest_of
 
 log = logging.getLogger("quantflow.performance")
 STAGE = "validate"

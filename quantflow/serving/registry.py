@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from quantflow.processes import start_time, stop_tagged
-from quantflow.store import ArtifactStore
+from quantflow.storage.store import ArtifactStore
 
 log = logging.getLogger("quantflow.deploy")
 # The environment variable that tags a server with its "starting" entry.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantflow.config import QuantConfig
-from quantflow.store import digest_of
+from quantflow.storage.hashing import digest_of
 
 # The fields of a quantizer that decide which kernel runs; the rest (observer, actorder
 # static/weight, …) changes the numbers, not the kernel.
@@ -82,7 +82,7 @@ class Scheme:
 
 def checkpoint_config(uri: str) -> dict | None:
     """A checkpoint folder's config.json (local or s3://); None when it has none."""
-    from quantflow.store import read_uri
+    from quantflow.storage.store import read_uri
 
     try:
         return json.loads(read_uri(f"{str(uri).rstrip('/')}/config.json"))

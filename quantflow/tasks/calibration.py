@@ -9,12 +9,13 @@ import random
 import torch
 from prefect import task
 
-from quantflow.artifacts import begin_outputs, finish_outputs, load_tokenizer
+from quantflow.storage.artifacts import begin_outputs, finish_outputs, load_tokenizer
 from quantflow.config import CalibrationConfig
 from quantflow.errors import StageError
-from quantflow.manifests import CalibrationManifest, CheckpointManifest
+from quantflow.storage.manifests import CalibrationManifest, CheckpointManifest
 from quantflow.profiling import measure
-from quantflow.store import ArtifactStore, digest_of
+from quantflow.storage.hashing import digest_of
+from quantflow.storage.store import ArtifactStore
 from quantflow.tasks.policy import stage_task_options
 from quantflow.textdata import load_conversations, load_documents
 from quantflow.progress import report, stage_progress

@@ -8,16 +8,17 @@ from pathlib import Path
 
 from prefect import task
 
-from quantflow.artifacts import baseline_metrics_digest, begin_outputs, finish_outputs, save_tokenizer
-from quantflow.checkpoints import read_config, read_safetensors_header, resolve_model, shard_files
+from quantflow.storage.artifacts import baseline_metrics_digest, begin_outputs, finish_outputs, save_tokenizer
+from quantflow.storage.checkpoints import read_config, read_safetensors_header, resolve_model, shard_files
 from quantflow.config import CompletionCheck, DeployConfig, ModelSpec, ValidationConfig
-from quantflow.content_digest import DigestMemo
+from quantflow.storage.content_digest import DigestMemo
 from quantflow.errors import StageError
 from quantflow.evaluation.suite import evaluate_model, evaluation_phases
-from quantflow.manifests import CheckpointManifest
+from quantflow.storage.manifests import CheckpointManifest
 from quantflow.profiling import measure
 from quantflow.progress import report, stage_progress
-from quantflow.store import ArtifactStore, digest_of
+from quantflow.storage.hashing import digest_of
+from quantflow.storage.store import ArtifactStore
 from quantflow.tasks.policy import stage_task_options
 from quantflow.versions import tool_versions
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from prefect import task
 
-from quantflow.artifacts import fetch_quantized
+from quantflow.storage.artifacts import fetch_quantized
 from quantflow.config import DeployConfig, MonitorConfig
 from quantflow.errors import StageError
-from quantflow.manifests import QuantizedManifest, ValidationManifest, now
+from quantflow.storage.manifests import QuantizedManifest, ValidationManifest, now
 from quantflow.serving.compatibility import ensure_servable
 from quantflow.serving.environment import describe, serving_python
 from quantflow.serving.performance import expectation
@@ -35,7 +35,7 @@ from quantflow.serving.registry import SERVER_TAG_ENV, DeploymentRegistry, state
 from quantflow.serving.fidelity import FidelityFailed, compare_fidelity, served_slice
 from quantflow.serving.schemes import checkpoint_config, scheme_of_checkpoint
 from quantflow.serving.temporary import serving_device
-from quantflow.store import ArtifactStore
+from quantflow.storage.store import ArtifactStore
 from quantflow.tasks.policy import TASK_DEFAULTS
 
 log = logging.getLogger("quantflow.deploy")

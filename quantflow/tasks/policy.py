@@ -25,13 +25,14 @@ from prefect.task_engine import TaskRunTimeoutError
 from pydantic import BaseModel
 
 import quantflow
-from quantflow.checkpoints import cheap_fingerprint
+from quantflow.storage.checkpoints import cheap_fingerprint
 from quantflow.config import LmEvalCheck, ModelSpec, QuantConfig, TextSource
-from quantflow.content_digest import DigestMemo, path_digest, task_folder_digest
+from quantflow.storage.content_digest import DigestMemo, path_digest, task_folder_digest
 from quantflow.errors import QuantflowError, TransientError
-from quantflow.locks import stage_lock_manager
-from quantflow.manifests import Manifest
-from quantflow.store import digest_of, is_transient_storage_fault
+from quantflow.storage.locks import stage_lock_manager
+from quantflow.storage.manifests import Manifest
+from quantflow.storage.hashing import digest_of
+from quantflow.storage.store import is_transient_storage_fault
 from quantflow.versions import tool_versions
 
 
@@ -168,6 +169,6 @@ TASK_DEFAULTS: dict[str, Any] = dict(retries=len(RETRY_DELAYS_S), retry_delay_se
 
 def stage_task_options(stage: str) -> dict[str, Any]:
     # SERIALIZABLE: a second run with the same key waits on the first's lock, then reads its
-    # committed result instead of computing the stage again (quantflow/locks.py).
+    # committed result instead of computing the stage again (quantflow/storage/locks.py).
     policy = StageCache(stage=stage, isolation_level="SERIALIZABLE", lock_manager=stage_lock_manager())
     return dict(name=stage, cache_policy=policy, **TASK_DEFAULTS)

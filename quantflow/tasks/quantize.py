@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from quantflow.artifacts import begin_outputs, finish_outputs, load_calibration, local_checkpoint
-from quantflow.checkpoints import read_config, resolve_model, shard_files, read_safetensors_header
+from quantflow.storage.artifacts import begin_outputs, finish_outputs, load_calibration, local_checkpoint
+from quantflow.storage.checkpoints import read_config, resolve_model, shard_files, read_safetensors_header
 from quantflow.config import ModelSpec, QuantConfig
 from quantflow.errors import StageError
-from quantflow.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest
+from quantflow.storage.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest
 from quantflow.profiling import measure
 from quantflow.progress import report, stage_progress
 from quantflow.quantization.architecture import describe, full_precision_modules
@@ -23,7 +23,8 @@ from quantflow.quantization.expert_coverage import summarize, warn_if_starved
 from quantflow.quantization.group_size import group_size_problem
 from quantflow.quantization.recipes import recipe_yaml
 from quantflow.quantization.runner import quantize
-from quantflow.store import ArtifactStore, tree_sha256
+from quantflow.storage.hashing import tree_sha256
+from quantflow.storage.store import ArtifactStore
 from quantflow.tasks.policy import stage_task_options
 from quantflow.versions import tool_versions
 

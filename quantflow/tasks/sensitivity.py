@@ -6,10 +6,10 @@ import logging
 
 from prefect import task
 
-from quantflow.artifacts import load_calibration, local_checkpoint
+from quantflow.storage.artifacts import load_calibration, local_checkpoint
 from quantflow.config import QuantConfig
 from quantflow.evaluation.loading import load_for_eval
-from quantflow.manifests import CalibrationManifest, CheckpointManifest
+from quantflow.storage.manifests import CalibrationManifest, CheckpointManifest
 from quantflow.profiling import measure
 from quantflow.quantization.sensitivity import measure_sensitivity
 from quantflow.tasks.policy import stage_task_options

@@ -8,19 +8,19 @@ import logging
 
 from prefect import task
 
-from quantflow.artifacts import (baseline_metrics_digest, begin_outputs, fetch_quantized, finish_outputs, local_checkpoint,
+from quantflow.storage.artifacts import (baseline_metrics_digest, begin_outputs, fetch_quantized, finish_outputs, local_checkpoint,
                                  read_json_uri, split_uri)
 from quantflow.config import CompletionCheck, DeployConfig, ValidationConfig
 from quantflow.errors import StageError
 from quantflow.evaluation.compare import compare
 from quantflow.evaluation.consistency import mean_kl
 from quantflow.evaluation.suite import evaluate_model, evaluation_phases, load_logprobs
-from quantflow.manifests import CheckpointManifest, QuantizedManifest, ValidationManifest, now
+from quantflow.storage.manifests import CheckpointManifest, QuantizedManifest, ValidationManifest, now
 from quantflow.profiling import measure
 from quantflow.progress import stage_progress
-from quantflow.model_card import CARD, render_card
-from quantflow.reporting import render_chart, render_markdown, render_performance_chart
-from quantflow.store import ArtifactStore
+from quantflow.reports.model_card import CARD, render_card
+from quantflow.reports.reporting import render_chart, render_markdown, render_performance_chart
+from quantflow.storage.store import ArtifactStore
 from quantflow.tasks.policy import stage_task_options
 from quantflow.versions import tool_versions
 

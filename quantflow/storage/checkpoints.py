@@ -12,7 +12,7 @@ from pathlib import Path
 
 from quantflow.config import ModelSpec
 from quantflow.errors import StageError, TransientError
-from quantflow.store import digest_of
+from quantflow.storage.hashing import digest_of
 
 STAGE = "checkpoint"
 

@@ -39,7 +39,7 @@ def render_pareto_chart(outcomes: list[dict], front: list[str], metric: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from quantflow.reporting import png_bytes
+    from quantflow.reports.reporting import png_bytes
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     scored = [o for o in outcomes if o.get("size_bytes") is not None and quality_loss(o) is not None]

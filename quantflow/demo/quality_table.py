@@ -1,7 +1,7 @@
 """The quality table: every method on the demo model — perplexity change, checkpoint size,
 quantize time — from one command:
 
-    make quality-table     (python -m quantflow.quality_table --out docs/quality-table.md)
+    make quality-table     (python -m quantflow.demo.quality_table --out docs/quality-table.md)
 
 Same baseline, same 64 x 128 calibration samples, same held-out text and evaluator for
 every row. NVFP4/MXFP4 checkpoints only run in bfloat16, so their rows compare against a

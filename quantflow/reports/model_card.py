@@ -1,7 +1,7 @@
 """The quantized checkpoint's README.md: a Hugging Face model card generated from the
 validation report (never written by hand), bound to it by sha256 in the validate manifest.
 
-The card is left out of the checkpoint's file digest (store.tree_sha256 skips it): the
+The card is left out of the checkpoint's file digest (hashing.tree_sha256 skips it): the
 weights are validated by the quantize manifest, the card by the validate manifest.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from quantflow.manifests import CheckpointManifest, QuantizedManifest
-from quantflow.reporting import checks_rows
+from quantflow.storage.manifests import CheckpointManifest, QuantizedManifest
+from quantflow.reports.reporting import checks_rows
 
 CARD = "README.md"
 

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantflow.config import ModelSpec
-from quantflow.store import digest_of
+from quantflow.storage.hashing import digest_of
 
 VOLATILE = {"created_at", "usage"}
 # What a stage measured rather than what the next stage's output depends on: the

@@ -29,7 +29,7 @@ from typing import Any
 
 from prefect.locking.protocol import LockManager
 
-log = logging.getLogger("quantflow.locks")
+log = logging.getLogger("quantflow.storage.locks")
 POLL_S = 1.0
 DEFAULT_LEASE_S = 6 * 3600
 
@@ -223,6 +223,6 @@ class RedisLocks(_BlockingLocks):
 def stage_lock_manager() -> LockManager:
     if redis_configured():
         return RedisLocks(lease_s())
-    from quantflow.store import cache_root
+    from quantflow.storage.hashing import cache_root
 
     return FileLocks(cache_root() / "locks")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from quantflow.store import cache_root, digest_of, file_sha256
+from quantflow.storage.hashing import cache_root, digest_of, file_sha256
 
 MEMO_NAME = "content_digests.json"
 MEMO_MAX_ENTRIES = 50_000  # those hashed longest ago go first; a dropped one costs a re-hash

@@ -1,7 +1,7 @@
 """One set of settings per output folder at a time.
 
 Two identical runs share a folder safely: each stage runs under its cache key's lock and the
-second reads the first's result (quantflow/locks.py). Two runs with *different* settings in
+second reads the first's result (quantflow/storage/locks.py). Two runs with *different* settings in
 one folder would not: each would rewrite the stage files and pipeline_summary.json the other
 is reading. So a run claims its output folder for its settings' digest before it writes
 anything there, and a run whose settings differ from a live claim's is refused.
@@ -30,8 +30,9 @@ from typing import Any, Iterator
 from pydantic import BaseModel
 
 from quantflow.errors import QuantflowError
-from quantflow.locks import _alive, lease_s
-from quantflow.store import ArtifactStore, digest_of
+from quantflow.storage.locks import _alive, lease_s
+from quantflow.storage.hashing import digest_of
+from quantflow.storage.store import ArtifactStore
 
 log = logging.getLogger("quantflow.pipeline")
 CLAIMS = "_claims"

@@ -11,7 +11,6 @@ appear in config, parameters or logs.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -24,41 +23,8 @@ from typing import Any
 import fsspec
 
 from quantflow.errors import DiskFullError
-
-CHUNK = 8 * 1024 * 1024
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-CARD_FILE = "README.md"
-
-
-def tree_sha256(local_dir: str | Path, memo: Any = None) -> dict[str, str]:
-    """sha256 of every file under a folder, keyed by relative POSIX path. The top-level
-    README.md (the model card validate writes later) is left out: it is bound by the
-    validate manifest's card_sha256 instead. With a content_digest.DigestMemo, a file whose
-    size, mtime, ctime and inode are unchanged since it was last hashed costs a stat."""
-    root = Path(local_dir)
-    digest = memo.file_digest if memo is not None else file_sha256
-    return {p.relative_to(root).as_posix(): digest(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() != CARD_FILE}
-
-
-def cache_root() -> Path:
-    """This machine's cache of derived files ($QUANTFLOW_CACHE, default ~/.cache/quantflow)."""
-    return Path(os.environ.get("QUANTFLOW_CACHE", Path.home() / ".cache" / "quantflow"))
-
-
-def digest_of(obj: Any) -> str:
-    """Stable sha256 of JSON-able data (sorted keys)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
+from quantflow.storage.content_digest import DigestMemo
+from quantflow.storage.hashing import cache_root, digest_of
 
 def read_uri(uri: str) -> bytes:
     with fsspec.open(uri, "rb") as f:
@@ -200,8 +166,6 @@ class ArtifactStore:
         if self.remote:
             info = self.fs.info(path, refresh=True)
             return {"size": info.get("size"), "etag": info.get("ETag")}
-        from quantflow.content_digest import DigestMemo  # content_digest imports this module
-
         memo = DigestMemo()
         digest = memo.file_digest(Path(path))
         memo.save()
