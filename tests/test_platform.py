@@ -157,22 +157,42 @@ def test_identical_runs_compute_each_stage_once(platform):
     assert waited, "the two runs never overlapped on a stage; nothing was proven about the lock"
 
 
+COMPUTING_STAGES = ("checkpoint", "calibration", "quantize", "validate")
+
+
+def computing_stage(api: PrefectREST, flow_run_ids: list[str]) -> dict | None:
+    """A stage task run of these flow runs that is RUNNING (a cache hit never is)."""
+    runs = api._ok(api.request("POST", "task_runs/filter", json={
+        "flow_runs": {"id": {"any_": flow_run_ids}}, "task_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}))
+    return next((r for r in runs if r["name"].rsplit("-", 1)[0] in COMPUTING_STAGES), None)
+
+
 def test_no_run_is_lost_or_duplicated_across_a_server_restart(platform):
     """Runs in flight while the Prefect server restarts: a client re-sending the same
-    idempotency keys gets the same runs, the workers reconnect, every run completes once."""
+    idempotency keys gets the same runs, the workers reconnect, every run completes once.
+    The runs write a folder of their own, so their stages compute: the server stops while a
+    stage is running, not between cache hits."""
     from quantflow.platform.local import restart_server
 
     api = PrefectREST(platform["api_url"], AUTH, retries=8)
-    params = {"config": demo_params(CHEAP_OUT, name="restart")}
+    fresh = f"s3://{BUCKET}/restart/{uuid.uuid4().hex[:8]}"
     keys = [f"restart-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
-    ids = {k: api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key=k)["id"]
+    # The first run's folder is its own, so its stages compute; the others share a folder
+    # an earlier test filled (cheap cache hits, which keep the test short).
+    params = {k: {"config": demo_params(fresh if i == 0 else CHEAP_OUT, name="restart")}
+              for i, k in enumerate(keys)}
+    ids = {k: api.create_flow_run("quantize-pipeline/quantize-pipeline", params[k], idempotency_key=k)["id"]
            for k in keys}
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not any(
-            api.flow_run(i)["state_type"] == "RUNNING" for i in ids.values()):
-        time.sleep(1)
+    deadline = time.monotonic() + 600
+    running = None
+    while running is None and time.monotonic() < deadline:
+        running = computing_stage(api, [ids[keys[0]]])
+        time.sleep(0.5)
+    assert running is not None, "no run was computing a stage within 600 s: the restart would prove nothing"
+    parent = api.flow_run(running["flow_run_id"])
+    assert parent["state_type"] == "RUNNING", parent["state"]
     assert restart_server() == platform["api_url"]
-    again = {k: api.create_flow_run("quantize-pipeline/quantize-pipeline", params, idempotency_key=k)["id"]
+    again = {k: api.create_flow_run("quantize-pipeline/quantize-pipeline", params[k], idempotency_key=k)["id"]
              for k in keys}
     assert again == ids
     finals = {k: api.wait(i, timeout_s=900) for k, i in ids.items()}
@@ -180,6 +200,9 @@ def test_no_run_is_lost_or_duplicated_across_a_server_restart(platform):
         {k: f["state"]["message"] for k, f in finals.items()}
     runs = api._ok(api.request("POST", "flow_runs/filter", json={"flows": {"name": {"any_": ["quantize-pipeline"]}}}))
     assert sorted(r["idempotency_key"] for r in runs if r["idempotency_key"] in keys) == sorted(keys)
+    # The stage the server stopped under finished in the same task run, which computed it.
+    interrupted = next(r for r in task_runs(api, list(ids.values())) if r["id"] == running["id"])
+    assert interrupted["state_name"] == "Completed", interrupted["state"]
 
 
 def read_s3_json(uri: str) -> dict:
@@ -252,6 +275,19 @@ def test_dispatched_stage_past_its_timeout_is_cancelled(platform):
     assert list(summary["stages"]) == []
 
 
+def run_log(api: PrefectREST, run_id: str, waiting_for: str, timeout_s: float = 60) -> list[str]:
+    """A flow run's log messages as the API serves them. A worker's run process ships its
+    last lines a moment after the run's final state, so this waits for one of them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        logs = api._ok(api.request("POST", "logs/filter", json={
+            "logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200}))
+        messages = [line["message"] for line in logs]
+        if waiting_for in messages or time.monotonic() > deadline:
+            return messages
+        time.sleep(1)
+
+
 def count_pipeline_runs(api: PrefectREST, output_dir: str) -> int:
     runs = api._ok(api.request("POST", "flow_runs/filter", json={"flows": {"name": {"any_": ["quantize-pipeline"]}}}))
     return sum(1 for r in runs if r["parameters"].get("config", {}).get("output_dir") == output_dir)
@@ -266,21 +302,23 @@ def test_requantize_runs_only_when_inputs_change(platform, demo_model, tmp_path)
     out = f"s3://{BUCKET}/requant/{uuid.uuid4().hex[:8]}"
     params = {"config": demo_params(out, model={"id": str(model)})}
 
-    def requantize() -> dict:
+    def requantize(expected_log: str) -> dict:
         run = api.create_flow_run("requantize/requantize", params)
         final = api.wait(run["id"], timeout_s=900)
         assert final["state_type"] == "COMPLETED", final["state"]["message"]
+        assert expected_log in run_log(api, run["id"], expected_log), expected_log  # the UI's Logs tab
         return final
 
-    requantize()
+    requantize("requantize: calibration, config, heldout, model, toolchain changed; running the pipeline")
     assert count_pipeline_runs(api, out) == 1
-    requantize()  # nothing changed: no pipeline run, no quantization
+    # Nothing changed: no pipeline run, no quantization, and the log says why.
+    requantize("requantize: nothing changed since the last successful run; skipping")
     assert count_pipeline_runs(api, out) == 1
     tensors = load_file(model / "model.safetensors")
     name = next(k for k in tensors if k.endswith("q_proj.weight"))
     tensors[name] = tensors[name] * 1.01
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
-    requantize()  # new weights: the pipeline runs and quantizes again
+    requantize("requantize: model changed; running the pipeline")  # new weights: it quantizes again
     assert count_pipeline_runs(api, out) == 2
     summary = read_s3_json(f"{out}/pipeline_summary.json")
     assert "quantize" not in summary["cache_hits"] and summary["verdict"] == "pass"

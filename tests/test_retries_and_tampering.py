@@ -13,9 +13,10 @@ import pytest
 
 from conftest import make_config
 from fault_proxy import FaultProxy
-from quantflow.errors import StageError
+from helpers import vllm_serving
+from quantflow.errors import StageError, StorageRefusedError
 from quantflow.storage.hashing import digest_of
-from services import moto_server
+from services import moto_server, s3_denying_writes
 
 pytestmark = [pytest.mark.slow]
 BUCKET = "quantflow-faults"
@@ -162,19 +163,61 @@ def test_s3_503_is_retried_then_tampered_objects_are_recomputed_or_refused(prefe
     assert not fs.exists(f"{root}/_manifests/validate.json")  # no verdict stands for the changed shard
 
 
-def test_local_tampering_recomputes_calibration_and_refuses_a_changed_shard(prefect_server, demo_dir, tmp_path,
-                                                                          caplog):
-    """On local disk: calibration_data.pt edited after its stage -> the rerun computes
-    calibration again (the marker's sha256 no longer matches; an untouched file costs a
-    stat) and the rest stays cached; a quantized shard edited after quantize -> validate
-    refuses naming model.safetensors, one attempt, nothing deployed."""
-    import torch
+def test_s3_access_denied_fails_its_stage_once_and_is_not_retried(prefect_server, demo_dir, monkeypatch):
+    """S3's own 403: moto checks this user's IAM policy, which denies writing
+    calibration_data.pt. The calibration stage fails on its first attempt and is not retried
+    though retry_delays_s allows two more; pipeline_summary.json (which the policy lets the
+    run write) says so, and the message names the object and carries S3's reason."""
+    import s3fs
 
     from quantflow.flows.pipeline import quantize_pipeline
 
+    bucket = "quantflow-denied"
+    with s3_denying_writes(bucket, "*/calibration_data.pt") as env:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        root = f"{bucket}/{uuid.uuid4().hex[:8]}"
+        cfg = make_config(f"s3://{root}", f"s3-denied-{uuid.uuid4().hex[:4]}",
+                          placement={"retry_delays_s": [0, 0]},
+                          validation={"lm_eval": {"enabled": False}}, deploy={"enabled": False})
+        try:
+            state = quantize_pipeline(config=cfg, return_state=True)
+            assert state.is_failed(), state.message
+            with pytest.raises(StorageRefusedError) as err:
+                state.result()
+            # The object, S3's own report line (through botocore) and the fix.
+            message = str(err.value)
+            assert f"the object store refused writing s3://{root}/calibration_data.pt: " in message, message
+            assert "(AccessDenied) when calling the PutObject operation: Access Denied" in message, message
+            assert "fix: give the credentials" in message
+            fs = s3fs.S3FileSystem()
+            summary = json.loads(fs.cat_file(f"{root}/pipeline_summary.json"))
+            assert summary["outcome"] == "failed" and summary["failed_stage"] == "calibration", summary
+            assert _attempts(summary) == {"checkpoint": 1, "calibration": 1}
+            assert summary["error"] == message
+            assert not fs.exists(f"{root}/calibration_data.pt")
+            assert not fs.exists(f"{root}/_manifests/calibration.json")
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_local_tampering_recomputes_calibration_and_refuses_a_changed_shard(prefect_server, demo_dir, served_quant,
+                                                                          tmp_path, caplog):
+    """On local disk: calibration_data.pt edited after its stage -> the rerun computes
+    calibration again (the marker's sha256 no longer matches; an untouched file costs a
+    stat) and the rest stays cached; a quantized shard edited after quantize -> validate
+    refuses naming model.safetensors, one attempt, and that run, with deploy on and a scheme
+    this host serves, deploys nothing."""
+    import torch
+
+    from quantflow.flows.pipeline import quantize_pipeline
+    from quantflow.serving.registry import DeploymentRegistry
+
     out = tmp_path / "local"
     cfg = make_config(out, f"local-tamper-{uuid.uuid4().hex[:4]}", placement={"retry_delays_s": [0, 0]},
-                      validation={"lm_eval": {"enabled": False}}, deploy={"enabled": False})
+                      quant=served_quant["quant"], validation={"lm_eval": {"enabled": False}},
+                      deploy={"enabled": False})
     state = quantize_pipeline(config=cfg, return_state=True)
     assert state.is_completed(), state.message
     summary = json.loads((out / "pipeline_summary.json").read_text())
@@ -196,7 +239,11 @@ def test_local_tampering_recomputes_calibration_and_refuses_a_changed_shard(pref
 
     shard = out / "quantized_model" / "model.safetensors"
     _flip_byte(shard.read_bytes, shard.write_bytes)
-    state = quantize_pipeline(config=_revalidate(cfg), return_state=True)
+    # Deploy on (it is not an input of stages 1-4, so they stay cached): were the changed
+    # shard not refused, this run would deploy it.
+    release = _revalidate(cfg)
+    release = release.model_copy(update={"deploy": release.deploy.model_copy(update={"enabled": True})})
+    state = quantize_pipeline(config=release, return_state=True)
     assert state.is_failed()
     with pytest.raises(StageError, match=r"\[validate\] quantized checkpoint .*quantized_model differs from "
                                          r"what the quantize stage wrote \(model\.safetensors\)"):
@@ -206,4 +253,5 @@ def test_local_tampering_recomputes_calibration_and_refuses_a_changed_shard(pref
     assert summary["stages"]["validate"]["state"] == "Failed"
     assert summary["stages"]["validate"]["attempts"] == 1
     assert not (out / "_manifests" / "validate.json").exists()
-    assert not (out / "deployment.json").exists()
+    assert "deploy" not in summary["stages"] and not (out / "deployment.json").exists()
+    assert DeploymentRegistry().active(cfg.name) is None and vllm_serving(cfg.name) == []

@@ -17,12 +17,13 @@ import shutil
 import socket
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 
-from quantflow.errors import DiskFullError
+from quantflow.errors import DiskFullError, StorageRefusedError
 from quantflow.storage.content_digest import DigestMemo
 from quantflow.storage.hashing import cache_root, digest_of
 
@@ -83,7 +84,8 @@ class ArtifactStore:
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         if self.remote:
-            self.fs.pipe_file(self._path(rel), data)
+            with _refusal_named(self.uri(rel)):
+                self.fs.pipe_file(self._path(rel), data)
         else:
             dest = Path(self._path(rel))
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +124,9 @@ class ArtifactStore:
             self.delete(rel)
             for p in sorted(local_dir.rglob("*")):
                 if p.is_file():
-                    self.fs.put_file(str(p), self._path(f"{rel}/{p.relative_to(local_dir).as_posix()}"))
+                    name = f"{rel}/{p.relative_to(local_dir).as_posix()}"
+                    with _refusal_named(self.uri(name)):
+                        self.fs.put_file(str(p), self._path(name))
             return self.uri(rel)
         dest = Path(self._path(rel))
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -219,6 +223,16 @@ class ArtifactStore:
             json.dump(remote, f)
         os.replace(tmp_source, source)
         return dest
+
+
+@contextmanager
+def _refusal_named(uri: str) -> Iterator[None]:
+    """s3fs turns S3's 403 into a bare PermissionError("Access Denied"); the person needs
+    the object, botocore's own report line and the fix."""
+    try:
+        yield
+    except PermissionError as err:
+        raise StorageRefusedError(uri, str(err.__cause__ or err)) from err
 
 
 def _remove_dead_scratch(dest: Path) -> None:
