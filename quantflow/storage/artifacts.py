@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from quantflow.errors import StageError
-from quantflow.storage.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest
+from quantflow.storage.content_digest import DigestMemo
 from quantflow.storage.hashing import digest_of, tree_sha256
+from quantflow.storage.manifests import CalibrationManifest, CheckpointManifest, QuantizedManifest
 from quantflow.storage.store import ArtifactStore, read_uri
 
 
@@ -48,8 +49,6 @@ def fetch_quantized(manifest: QuantizedManifest, stage: str) -> tuple[Path, str]
         raise StageError(stage, f"quantized checkpoint {manifest.uri} is missing",
                          "re-run the pipeline; the quantize stage rebuilds it")
     local = store.fetch_dir(name, expected=manifest.files)
-    from quantflow.storage.content_digest import DigestMemo
-
     memo = DigestMemo()  # an untouched file costs a stat; a changed one is hashed again
     found = tree_sha256(local, memo)
     memo.save()
@@ -146,7 +145,6 @@ def local_checkpoint(manifest: CheckpointManifest, stage: str) -> Path:
     mtime, ctime and inode are unchanged costs a stat, and a changed one is read again, so
     a checkpoint edited on a shared filesystem after stage 1 is noticed, not quantized."""
     from quantflow.storage.checkpoints import resolve_model
-    from quantflow.storage.content_digest import DigestMemo
 
     path = Path(manifest.local_path)
     if not path.is_dir():
