@@ -29,7 +29,7 @@ from quantflow.storage.manifests import CalibrationManifest, CheckpointManifest,
 from quantflow.progress import report, stage_progress
 from quantflow.quantization.sensitivity import layer_pattern, render_sensitivity_chart
 from quantflow.reports.search_report import (pareto_front, quality_loss, render_pareto_chart,
-                                     render_search_markdown)
+                                             render_search_markdown)
 from quantflow.storage.checkpoints import model_config_of
 from quantflow.serving.compatibility import cannot_serve, check_scheme
 from quantflow.serving.schemes import scheme_for

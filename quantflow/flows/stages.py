@@ -20,12 +20,12 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from pydantic import BaseModel
 
-from quantflow.storage.manifests import (CalibrationManifest, CheckpointManifest, Manifest, QuantizedManifest,
-                                 ValidationManifest)
 from quantflow.errors import DiskFullError, StageError
 from quantflow.flows.dispatch import STAGE_DEPLOYMENT, dispatch_stage
 from quantflow.profiling import measure
 from quantflow.storage.artifacts import changed_outputs, marker
+from quantflow.storage.manifests import (CalibrationManifest, CheckpointManifest, Manifest, QuantizedManifest,
+                                         ValidationManifest)
 from quantflow.storage.store import ArtifactStore, is_disk_full
 from quantflow.tasks.calibration import calibration_task
 from quantflow.tasks.checkpoint import checkpoint_task

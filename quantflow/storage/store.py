@@ -27,6 +27,7 @@ from quantflow.errors import DiskFullError, StorageRefusedError
 from quantflow.storage.content_digest import DigestMemo
 from quantflow.storage.hashing import cache_root, digest_of
 
+
 def read_uri(uri: str) -> bytes:
     with fsspec.open(uri, "rb") as f:
         return f.read()

@@ -8,8 +8,8 @@ import logging
 
 from prefect import task
 
-from quantflow.storage.artifacts import (baseline_metrics_digest, begin_outputs, fetch_quantized, finish_outputs, local_checkpoint,
-                                 read_json_uri, split_uri)
+from quantflow.storage.artifacts import (baseline_metrics_digest, begin_outputs, fetch_quantized,
+                                         finish_outputs, local_checkpoint, read_json_uri, split_uri)
 from quantflow.config import CompletionCheck, DeployConfig, ValidationConfig
 from quantflow.errors import StageError
 from quantflow.evaluation.compare import compare
