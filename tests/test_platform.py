@@ -170,8 +170,8 @@ def computing_stage(api: PrefectREST, flow_run_ids: list[str]) -> dict | None:
 def test_no_run_is_lost_or_duplicated_across_a_server_restart(platform):
     """Runs in flight while the Prefect server restarts: a client re-sending the same
     idempotency keys gets the same runs, the workers reconnect, every run completes once.
-    The runs write a folder of their own, so their stages compute: the server stops while a
-    stage is running, not between cache hits."""
+    The first run writes a folder of its own, so its stages compute: the server stops while
+    one of them is running, not between cache hits."""
     from quantflow.platform.local import restart_server
 
     api = PrefectREST(platform["api_url"], AUTH, retries=8)

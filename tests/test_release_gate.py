@@ -68,7 +68,6 @@ def test_missing_report_and_report_for_another_checkpoint_are_refused(validated_
 
 def test_missing_serving_environment_says_how_to_install(validated_served, tmp_path):
     out, quantized, verdict = release_copy(validated_served, tmp_path)
-    cfg = CPU_SERVING.model_copy(update={"serving_python": str(tmp_path / "no-venv" / "bin" / "python")})
     with pytest.raises(StageError, match="make serve-env"):
-        deploy_model(cfg, quantized, verdict, str(out), "noenv")
+        deploy_model(NO_SERVER, quantized, verdict, str(out), "noenv")
     assert DeploymentRegistry().active("noenv") is None
