@@ -233,7 +233,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import json
 
     from quantflow.config import DeployConfig
-    from quantflow.serving.compatibility import check_scheme
+    from quantflow.serving.compatibility import check_schemes
     from quantflow.serving.environment import cpu_model, describe, serving_python
     from quantflow.serving.schemes import catalog, method_hint, scheme_for
     from quantflow.versions import tool_versions
@@ -266,11 +266,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"error: unknown scheme {', '.join(unknown)}; known: {', '.join(schemes)}", file=sys.stderr)
         return EXIT_FAILED
     rows = []
+    probed = [scheme_for(schemes[name]) for name in names]
+    assert all(probed)
+    print(f"probing {len(names)} scheme(s) in one {info['flavor']} process where not cached "
+          f"(~15 s, then a few seconds each)", flush=True)
+    answers = check_schemes(probed, deploy, refresh=args.refresh, model_config=model_config)
     print(f"\n{'scheme':<12} {'serves':<7} {'what vLLM must run':<52} why not / how to ask for it")
-    for name in names:
-        scheme = scheme_for(schemes[name])
-        assert scheme is not None
-        answer = check_scheme(scheme, deploy, refresh=args.refresh, model_config=model_config)
+    for name, answer in zip(names, answers):
         rows.append({"name": name, **answer})
         detail = method_hint(name) if answer["serves"] else answer["reason"]
         print(f"{name:<12} {'yes' if answer['serves'] else 'NO':<7} {answer['scheme']:<52} {detail}",

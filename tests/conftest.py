@@ -150,10 +150,17 @@ def served_quant(demo_dir) -> dict:
     demo's fallback (W8A8-INT8 on AVX2 CPUs), exactly as `make demo` chooses."""
     from quantflow.config import load_config
     from quantflow.demo.scheme_choice import choose_demo_scheme
+    from quantflow.serving.compatibility import check_schemes
+    from quantflow.serving.schemes import catalog, scheme_for
+    from quantflow.storage.checkpoints import model_config_of
 
     config = load_config(REPO / "configs" / "demo.yaml")
     if not SERVE_PYTHON.exists():  # nothing will be served: the demo's own scheme
         return {"quant": config.quant.model_dump(mode="json"), "note": None}
+    # Every scheme of the catalog for the demo Llama, probed together once (one vLLM import,
+    # ~65 s) rather than one process per scheme (~20 s each) as tests come to them.
+    check_schemes([scheme_for(q) for q in catalog().values()], config.deploy,
+                  model_config=model_config_of(config.model))
     chosen, note = choose_demo_scheme(config)
     return {"quant": chosen.quant.model_dump(mode="json"), "note": note}
 

@@ -158,3 +158,28 @@ def test_schemes_this_host_cannot_serve_are_refused_before_starting(quant, lenie
     assert list(Path(tmp_path).glob("deployment.json")) == []
     assert DeploymentRegistry().active("cpu-refused") is None
 
+
+
+def test_schemes_probed_together_answer_as_each_probed_alone(tmp_path, monkeypatch):
+    """Several checkpoints are probed in one serving process (vLLM imported once, each
+    checkpoint in a fork of it). The answers must be the ones a process of their own gives,
+    in order: a scheme that serves on every CPU, one that serves on none, and a folder vLLM
+    cannot load at all, which leaves the next one's answer intact."""
+    from quantflow.serving import compatibility
+    from quantflow.serving.schemes import catalog
+
+    schemes = [scheme_for(catalog()[n]) for n in ("w8a8-int8", "w8a16")]
+    models = tmp_path / "models"
+    (models / "broken").mkdir(parents=True)
+    (models / "broken" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    for name, scheme in zip(("serves", "refused"), schemes):
+        compatibility.build_probe_checkpoint(scheme, models / name)
+    python = compatibility.serving_python(CPU_SERVING.serving_python)
+    together = compatibility._run_probe(python, [models / n for n in ("broken", "serves", "refused")],
+                                        "cpu", "bfloat16")
+    assert [a["ok"] for a in together] == [False, True, False], together
+    assert together[0]["error"] and "WNA16 linear layer" in together[2]["error"], together
+    monkeypatch.setenv("QUANTFLOW_CACHE", str(tmp_path / "alone"))
+    alone = [check_scheme(s, CPU_SERVING) for s in schemes]  # one serving process each
+    assert [(a["serves"], a["reason"]) for a in alone] == [
+        (t["ok"], "" if t["ok"] else compatibility._reason(t["error"])) for t in together[1:]]

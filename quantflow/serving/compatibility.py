@@ -4,7 +4,8 @@ A one-layer model of the user's own architecture (probe_model.py: a Llama when n
 given) is quantized with exactly the scheme's config groups (llm-compressor, in this
 process), then the serving environment's vLLM loads it and generates a token
 (kernel_probe.py). The answer is cached per (serving environment, host ISA / GPU, dtype,
-architecture, scheme): probing costs ~15-30 s once, a lookup costs nothing.
+architecture, scheme): probing costs ~15-30 s once, a lookup costs nothing. Several schemes
+are probed in one serving process (check_schemes): on CPU each one more costs ~1-3 s.
 """
 
 from __future__ import annotations
@@ -90,19 +91,26 @@ def _key(scheme: Scheme, python: Path, info: dict, device: str, dtype: str, arch
                       "builder": Path(__file__).with_name("probe_model.py").read_bytes().hex()})[:24]
 
 
-def _run_probe(python: Path, model_dir: Path, device: str, dtype: str) -> dict:
+def _run_probe(python: Path, model_dirs: list[Path], device: str, dtype: str) -> list[dict]:
+    """One answer per checkpoint. On CPU all of them in one serving process (vLLM imported
+    once, each checkpoint in a fork of it: kernel_probe.py); elsewhere one process each."""
+    if device != "cpu" and len(model_dirs) > 1:
+        return [answer for d in model_dirs for answer in _run_probe(python, [d], device, dtype)]
     try:
-        out = subprocess.run([str(python), str(PROBE_SCRIPT), str(model_dir), device, dtype],
-                             capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-                             env=vllm_env(device))
+        out = subprocess.run([str(python), str(PROBE_SCRIPT), device, dtype, *map(str, model_dirs)],
+                             capture_output=True, text=True, timeout=PROBE_TIMEOUT_S * len(model_dirs),
+                             env={**vllm_env(device), "QUANTFLOW_PROBE_TIMEOUT_S": str(PROBE_TIMEOUT_S)})
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"vLLM did not generate within {PROBE_TIMEOUT_S}s"}
+        return [{"ok": False, "error": f"vLLM did not generate within {PROBE_TIMEOUT_S}s"}] * len(model_dirs)
+    answers = {}
     for line in out.stdout.splitlines():
         if line.startswith("QUANTFLOW_PROBE "):
-            return json.loads(line.removeprefix("QUANTFLOW_PROBE "))
+            doc = json.loads(line.removeprefix("QUANTFLOW_PROBE "))
+            answers[doc.pop("model")] = doc
     tail = [ln for ln in out.stderr.splitlines() if re.search(r"Error|error|Exception", ln)]
-    return {"ok": False, "error": f"the probe exited with code {out.returncode}: "
-            f"{(tail or out.stderr.splitlines() or ['no output'])[-1][:400]}"}
+    missing = {"ok": False, "error": f"the probe exited with code {out.returncode}: "
+               f"{(tail or out.stderr.splitlines() or ['no output'])[-1][:400]}"}
+    return [answers.get(str(d), missing) for d in model_dirs]
 
 
 def _reason(error: str) -> str:
@@ -115,41 +123,66 @@ def check_scheme(scheme: Scheme, cfg: DeployConfig, refresh: bool = False,
     """{"serves": bool, "reason": str, "scheme": label, "host": …, "architecture": …} for the
     serving environment `cfg` names, on this host, for the architecture of `model_config` (a
     model's config.json; a dense Llama without one). Cached; `refresh` probes again."""
+    return check_schemes([scheme], cfg, refresh, model_config)[0]
+
+
+def check_schemes(schemes: list[Scheme], cfg: DeployConfig, refresh: bool = False,
+                  model_config: dict | None = None) -> list[dict[str, Any]]:
+    """check_scheme for several schemes, in order; the ones not cached are probed together
+    (one vLLM import for all of them on CPU)."""
     python = serving_python(cfg.serving_python)
     info = describe(python)
     device = serving_device(cfg, info)
     dtype = probe_dtype(cfg)
     arch = probe_architecture(model_config)
-    key = _key(scheme, python, info, device, dtype, arch)
-    path = cache_root() / "serving-compat" / f"{key}.json"
-    if path.is_file() and not refresh:
-        doc = json.loads(path.read_text())
-        return {**doc, "reason": "" if doc["serves"] else _reason(doc.get("error") or ""), "cached": True}
+    folder = cache_root() / "serving-compat"
+    paths = [folder / f"{_key(s, python, info, device, dtype, arch)}.json" for s in schemes]
+    answers: dict[Path, dict[str, Any]] = {}
+    if not refresh:
+        for path in paths:
+            if path.is_file():
+                doc = json.loads(path.read_text())
+                answers[path] = {**doc, "reason": "" if doc["serves"] else _reason(doc.get("error") or ""),
+                                 "cached": True}
+    todo = {path: s for path, s in zip(paths, schemes) if path not in answers}  # one probe per key
+    if todo:
+        answers.update(_probe(list(todo.values()), list(todo), python, info, device, dtype, arch))
+    return [answers[path] for path in paths]
+
+
+def _probe(schemes: list[Scheme], paths: list[Path], python: Path, info: dict, device: str, dtype: str,
+           arch: dict) -> dict[Path, dict[str, Any]]:
+    labels = ", ".join(s.label for s in schemes)
     log.info("serving check: can %s %s run %s for %s here? (probing once, cached in %s)",
-             info["flavor"], info["vllm_version"], scheme.label, arch_label(arch), path.parent)
+             info["flavor"], info["vllm_version"], labels, arch_label(arch), paths[0].parent)
     work = Path(tempfile.mkdtemp(prefix="quantflow-probe-"))
     try:
-        try:
-            build_probe_checkpoint(scheme, work / "model", arch)
-        except Exception as err:  # noqa: BLE001 - a fault here, not an answer about the host
-            raise StageError("deploy", f"could not build the {scheme.label} probe checkpoint with "
-                             f"llm-compressor: {type(err).__name__}: {err}",
-                             "run `quantflow doctor -v` for the traceback") from err
-        result = _run_probe(python, work / "model", device, dtype)
+        dirs = [work / f"model{i}" for i in range(len(schemes))]
+        for scheme, d in zip(schemes, dirs):
+            try:
+                build_probe_checkpoint(scheme, d, arch)
+            except Exception as err:  # noqa: BLE001 - a fault here, not an answer about the host
+                raise StageError("deploy", f"could not build the {scheme.label} probe checkpoint with "
+                                 f"llm-compressor: {type(err).__name__}: {err}",
+                                 "run `quantflow doctor -v` for the traceback") from err
+        results = _run_probe(python, dirs, device, dtype)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    doc = {"serves": bool(result.get("ok")), "scheme": scheme.label, "scheme_key": scheme.key,
-           "architecture": arch_label(arch), "probe_note": arch.get("probe_note"),
-           "host": host_label({**info, **{k: result[k] for k in ("isa", "amx", "gpu") if k in result}}),
-           "device": device, "dtype": dtype, "flavor": info["flavor"],
-           "vllm_version": info["vllm_version"], "torch": info.get("torch"),
-           "reason": "" if result.get("ok") else _reason(result.get("error", "")),
-           "error": result.get("error"), "probe_seconds": result.get("seconds")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(path)
-    return {**doc, "cached": False}
+    answers = {}
+    for scheme, path, result in zip(schemes, paths, results):
+        doc = {"serves": bool(result.get("ok")), "scheme": scheme.label, "scheme_key": scheme.key,
+               "architecture": arch_label(arch), "probe_note": arch.get("probe_note"),
+               "host": host_label({**info, **{k: result[k] for k in ("isa", "amx", "gpu") if k in result}}),
+               "device": device, "dtype": dtype, "flavor": info["flavor"],
+               "vllm_version": info["vllm_version"], "torch": info.get("torch"),
+               "reason": "" if result.get("ok") else _reason(result.get("error", "")),
+               "error": result.get("error"), "probe_seconds": result.get("seconds")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(path)
+        answers[path] = {**doc, "cached": False}
+    return answers
 
 
 def arch_label(arch: dict[str, Any]) -> str:
@@ -160,17 +193,13 @@ def arch_label(arch: dict[str, Any]) -> str:
 
 def servable_alternatives(cfg: DeployConfig, exclude: Scheme, wanted: int = 2,
                           model_config: dict | None = None) -> list[str]:
-    """The first `wanted` catalog schemes that serve here for this architecture (probed as
-    needed, ~15 s each the first time), in preference order."""
+    """The first `wanted` catalog schemes that serve here for this architecture, in
+    preference order (the ones not cached are probed together, once)."""
     schemes = catalog()
-    found: list[str] = []
-    for name in ALTERNATIVES:
-        s = scheme_for(schemes[name])
-        if s is not None and s.key != exclude.key and check_scheme(s, cfg, model_config=model_config)["serves"]:
-            found.append(f"{name} ({method_hint(name)})")
-            if len(found) == wanted:
-                break
-    return found
+    options = [(name, s) for name in ALTERNATIVES
+               if (s := scheme_for(schemes[name])) is not None and s.key != exclude.key]
+    answers = check_schemes([s for _, s in options], cfg, model_config=model_config)
+    return [f"{name} ({method_hint(name)})" for (name, _), a in zip(options, answers) if a["serves"]][:wanted]
 
 
 def ensure_servable(scheme: Scheme, cfg: DeployConfig, stage: str, what: str,
