@@ -285,11 +285,44 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_deployments(args: argparse.Namespace) -> int:
+    """One row per live deployment on this machine."""
+    import json
+
+    from quantflow.monitoring.deployments import COLUMNS, deployment_rows
+
+    rows = deployment_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no deployments are live here (`quantflow run` or `make demo` deploys one)")
+        return EXIT_OK
+    cells = [[("n/a" if r[c] is None else f"{r[c]:.2f}" if c == "quality_score" else str(r[c])) for c in COLUMNS]
+             for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
+    print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return EXIT_OK
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from quantflow.monitoring.exporter_process import stop_exporter
     from quantflow.platform.prefect_server import stop_local_server
     from quantflow.serving.registry import DeploymentRegistry
 
+    if args.name:  # one deployment; the others, the exporter and Prefect keep running
+        from quantflow.monitoring.deployments import stop_deployment
+
+        try:
+            record = stop_deployment(args.name)
+        except InputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        via = f", and its nginx at {record['base_url']}" if record.get("proxy") else ""
+        print(f"stopped vLLM server {record['name']} ({record.get('upstream_url', record['base_url'])}{via})")
+        return EXIT_OK
     for record in DeploymentRegistry().stop_all():
         via = f", and its nginx at {record['base_url']}" if record.get("proxy") else ""
         print(f"stopped vLLM server {record['name']} ({record.get('upstream_url', record['base_url'])}{via})")
@@ -389,9 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-deploy", action="store_true", help="choose, but do not deploy")
     p.add_argument("--limit", type=float, help="lm-eval: examples per task (or fraction < 1) for quick runs")
     p.set_defaults(fn=cmd_search)
-    p = sub.add_parser("stop", help="stop servers the demo started")
+    p = sub.add_parser("stop", help="stop one deployment by name, or (no name) every server quantflow started")
+    p.add_argument("name", nargs="?", help="the deployment to stop (`quantflow deployments` lists them); "
+                   "without it: every server, the exporter and the local Prefect server")
     p.add_argument("--keep-prefect", action="store_true", help="leave the Prefect server running")
     p.set_defaults(fn=cmd_stop)
+    p = sub.add_parser("deployments", help="list the live deployments: model, scheme, address, revision, health")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(fn=cmd_deployments)
     p = sub.add_parser("doctor", help="which schemes this host's vLLM serves, and why not")
     p.add_argument("--scheme", action="append", help="check only this scheme (repeatable)")
     p.add_argument("--serving-python", help="Python of the serving environment (default .venv-serve)")

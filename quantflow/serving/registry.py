@@ -102,24 +102,32 @@ class DeploymentRegistry:
         previous = doc["active"]
         if previous:
             doc["history"] = ([previous] + doc["history"])[:10]
+        # Counted per name across restarts of the registry: 1 for the first release.
+        doc["revisions"] = doc.get("revisions", len(doc["history"])) + 1
+        record["revision"] = doc["revisions"]
         doc["active"] = record
         self.write(name, doc)
         return previous
 
-    def stop_all(self) -> list[dict]:
-        """Stop every active local server recorded here; returns their records."""
+    def stop(self, name: str) -> dict | None:
+        """Stop one deployment's local server and its nginx; returns its record (None when
+        no local server of that name is live). Others are left serving."""
         from quantflow.serving.process import stop_record
 
-        stopped = []
-        for name in self.names():
-            with self.locked(name):  # not while a rollout of the same name is switching
-                self.reap_starting(name)
-                record = self.active(name)
-                if record and record.get("backend", "local") == "local":
-                    stop_record(record)
-                    self.clear(name)
-                    stopped.append(record)
-        return stopped
+        if name not in self.names():
+            return None
+        with self.locked(name):  # not while a rollout of the same name is switching
+            self.reap_starting(name)
+            record = self.active(name)
+            if not record or record.get("backend", "local") != "local":
+                return None
+            stop_record(record)
+            self.clear(name)
+            return record
+
+    def stop_all(self) -> list[dict]:
+        """Stop every active local server recorded here; returns their records."""
+        return [record for name in self.names() if (record := self.stop(name)) is not None]
 
     def clear(self, name: str) -> None:
         doc = self.read(name)

@@ -1,0 +1,80 @@
+"""Operating deployments one at a time: `quantflow deployments` lists them, `quantflow stop
+NAME` stops one and leaves the others serving (issue 21, item 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from conftest import free_port_pair, needs_serving
+from helpers import complete, server_processes, stop_deployment
+from quantflow.serving.registry import DeploymentRegistry
+
+
+def cli(*args: str, state: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"QUANTFLOW_STATE_DIR": state} if state else {})}
+    return subprocess.run([sys.executable, "-m", "quantflow.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_stopping_an_unknown_name_is_refused_naming_it(tmp_path):
+    empty = cli("deployments", state=str(tmp_path))
+    assert empty.returncode == 0 and "no deployments are live here" in empty.stdout, empty.stderr
+    refused = cli("stop", "nope", state=str(tmp_path))
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "no deployment named 'nope' is live here (live: none)" in refused.stderr, refused.stderr
+    assert "quantflow deployments` lists them" in refused.stderr
+
+
+def test_each_release_of_a_name_gets_the_next_revision(tmp_path):
+    registry = DeploymentRegistry(tmp_path)
+    for expected in (1, 2, 3):
+        record = {"pid": 0, "base_url": f"http://127.0.0.1:{8000 + expected}"}
+        registry.activate("svc", record)
+        assert registry.active("svc")["revision"] == expected
+    registry.clear("svc")  # stopped, then released again: still counting
+    registry.activate("svc", {"pid": 0, "base_url": "http://127.0.0.1:8009"})
+    assert registry.active("svc")["revision"] == 4
+    assert [r["revision"] for r in registry.read("svc")["history"]] == [3, 2, 1]
+
+
+@needs_serving
+@pytest.mark.serving
+def test_stop_by_name_leaves_the_other_deployment_answering(live_deployment, validated_served, tmp_path):
+    from quantflow.tasks.deploy import deploy_model
+
+    v = validated_served
+    cfg = v["config"]
+    second = deploy_model(cfg.deploy.model_copy(update={"port": free_port_pair()}), v["quantized"],
+                          v["validation"], str(tmp_path), "second", monitor=cfg.monitor,
+                          golden=v["checkpoint"].golden)
+    try:
+        listed = cli("deployments", "--json")
+        assert listed.returncode == 0, listed.stderr
+        rows = {r["name"]: r for r in json.loads(listed.stdout)}
+        assert {"live", "second"} <= set(rows), rows
+        row = rows["second"]
+        assert (row["address"], row["scheme"], row["revision"], row["running"]) == (
+            second["base_url"], v["quantized"].label, 1, True), row
+        assert row["since"] == second["deployed_at"] and "deploy health check" in row["last_health"]
+        table = cli("deployments").stdout
+        assert table.splitlines()[0].split() == ["name", "model", "scheme", "address", "revision", "since",
+                                                 "last_health", "quality_score"], table
+        stopped = cli("stop", "second")
+        assert stopped.returncode == 0, stopped.stderr
+        assert "stopped vLLM server second" in stopped.stdout, stopped.stdout
+        assert server_processes(second["pid"]) == []
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{second['base_url']}/health", timeout=5)
+        assert "second" not in {r["name"] for r in json.loads(cli("deployments", "--json").stdout)}
+        # The other deployment, its server and its address, kept serving.
+        live = live_deployment
+        assert complete(live["base_url"], live["served_model_name"], "evaluated when the", 4, live["key"])
+        assert DeploymentRegistry().active("live")["pid"] == live["pid"]
+    finally:
+        stop_deployment("second")
