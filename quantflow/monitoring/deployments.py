@@ -42,8 +42,19 @@ def deployment_rows(registry: DeploymentRegistry | None = None) -> list[dict[str
             "last_health": (f"{last['time']} probe score {last.get('score')}" if last
                             else f"{record.get('deployed_at')} deploy health check"),
             "quality_score": state.quality_score if state else None,
-            "running": server_of(record).alive() if record.get("backend", "local") == "local" else None})
+            "running": _running(record)})
     return rows
+
+
+def _running(record: dict) -> bool | None:
+    """Whether a local deployment's server process is alive (None: not a local server, or
+    a record too incomplete to tell)."""
+    if record.get("backend", "local") != "local":
+        return None
+    try:
+        return server_of(record).alive()
+    except (KeyError, TypeError):
+        return None
 
 
 def stop_deployment(name: str, registry: DeploymentRegistry | None = None) -> dict:
