@@ -10,7 +10,6 @@ import httpx
 
 from quantflow.config import DeployConfig
 from quantflow.processes import group_members
-from quantflow.serving.process import stop_record
 from quantflow.serving.registry import DeploymentRegistry
 
 # The demo model's deploy settings on a 2-core CPU: a small context and KV cache.
@@ -19,11 +18,8 @@ CPU_SERVING = DeployConfig(dtype="bfloat16", max_model_len=256, cpu_kv_cache_gib
 
 
 def stop_deployment(name: str) -> None:
-    registry = DeploymentRegistry()
-    record = registry.active(name)
-    if record:
-        stop_record(record)
-        registry.clear(name)
+    """What `quantflow stop NAME` does, quietly for a name with nothing live."""
+    DeploymentRegistry().stop(name)
 
 
 def server_processes(pid: int) -> list[int]:
