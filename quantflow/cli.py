@@ -4,7 +4,11 @@
                   [--output-dir DIR] [--no-deploy]
     quantflow demo          build the demo model (once) and run configs/demo.yaml
     quantflow submit ...    the same, as a run of the quantize-pipeline deployment (make up)
-    quantflow stop          stop what the demo started (vLLM servers, exporter, Prefect server)
+    quantflow stop [NAME]   stop one deployment, or what the demo started (vLLM servers,
+                            exporter, Prefect server)
+    quantflow deployments   list the live deployments
+    quantflow rollback NAME [--to REVISION]
+                            bring back an earlier revision at the same address
     quantflow doctor        which quantization schemes this host's vLLM serves, and why not
     quantflow search --config FILE [--mode ladder|sweep] [--no-deploy]
                             try candidate schemes; deploy the smallest that passes
@@ -337,6 +341,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Bring back an earlier revision at the same address (tasks/rollback.py)."""
+    from quantflow.tasks.rollback import rollback_deployment
+
+    record = rollback_deployment(args.name, args.to, args.reason)
+    done = record["rollback"]
+    came_from = f"revision {done['from_revision']}" if done["from_revision"] else "nothing live"
+    print(f"rolled back {args.name}: {came_from} -> revision {done['to_revision']} ({record['label']}), "
+          f"live as revision {record['revision']} at {record['base_url']}")
+    return EXIT_OK
+
+
 def cmd_monitor(args: argparse.Namespace) -> int:
     from quantflow.flows.monitoring import quality_monitor
     from quantflow.platform.prefect_server import prefect_api
@@ -427,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "without it: every server, the exporter and the local Prefect server")
     p.add_argument("--keep-prefect", action="store_true", help="leave the Prefect server running")
     p.set_defaults(fn=cmd_stop)
+    p = sub.add_parser("rollback", help="bring back an earlier revision of a deployment at the same address")
+    p.add_argument("name", help="the deployment (`quantflow deployments` lists them)")
+    p.add_argument("--to", type=int, metavar="REVISION",
+                   help="the revision to bring back (default: the newest earlier one with another "
+                        "checkpoint that was never rolled back from)")
+    p.add_argument("--reason", default="requested by an operator", help="recorded with the new revision")
+    p.set_defaults(fn=cmd_rollback)
     p = sub.add_parser("deployments", help="list the live deployments: model, scheme, address, revision, health")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(fn=cmd_deployments)

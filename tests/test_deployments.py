@@ -1,5 +1,6 @@
 """Operating deployments one at a time: `quantflow deployments` lists them, `quantflow stop
-NAME` stops one and leaves the others serving (issue 21, item 3)."""
+NAME` stops one and leaves the others serving, `quantflow rollback NAME` brings back an
+earlier revision at the same address (issue 21, items 2 and 3)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from conftest import free_port_pair, needs_serving
 from helpers import complete, server_processes, stop_deployment
+from quantflow.errors import InputError
 from quantflow.serving.registry import DeploymentRegistry
 
 
@@ -41,6 +43,60 @@ def test_each_release_of_a_name_gets_the_next_revision(tmp_path):
     registry.activate("svc", {"pid": 0, "base_url": "http://127.0.0.1:8009"})
     assert registry.active("svc")["revision"] == 4
     assert [r["revision"] for r in registry.read("svc")["history"]] == [3, 2, 1]
+
+
+def released(registry: DeploymentRegistry, name: str, sha: str, **extra) -> dict:
+    """Record a release of `name` as deploy_model does (no server: the refusals below
+    happen before one would start)."""
+    record = {"pid": 0, "base_url": "http://127.0.0.1:8001", "checkpoint_sha256": sha,
+              "label": f"model-{sha}", "release": {}, **extra}
+    registry.activate(name, record)
+    return record
+
+
+def test_a_rollback_with_no_previous_revision_is_refused_naming_it(tmp_path):
+    registry = DeploymentRegistry(tmp_path)
+    released(registry, "svc", "a")
+    only = cli("rollback", "svc", state=str(tmp_path))
+    assert only.returncode == 1, only.stdout
+    assert "quantflow rollback NAME: 'svc' has no previous revision to roll back to (revision 1 is live; " \
+        "earlier revisions recorded: none" in only.stderr, only.stderr
+    assert "deploy another model with `quantflow run`, or name a revision with --to" in only.stderr
+    unknown = cli("rollback", "nope", state=str(tmp_path))
+    assert unknown.returncode == 1 and "no deployment named 'nope' is recorded here (recorded: svc)" in unknown.stderr
+    released(registry, "svc", "b")
+    for to, says in ((2, "revision 2 of 'svc' is the one live now"),
+                     (7, "'svc' has no recorded revision 7 (recorded earlier revisions: 1)")):
+        refused = cli("rollback", "svc", "--to", str(to), state=str(tmp_path))
+        assert refused.returncode == 1 and f"quantflow rollback NAME --to: {says}" in refused.stderr, refused.stderr
+    assert registry.active("svc")["revision"] == 2  # nothing changed
+
+
+def test_the_default_target_skips_the_live_checkpoint_and_what_was_rolled_back_from(tmp_path):
+    """Two automatic rollbacks in a row never bring back the model the first rolled away from."""
+    from quantflow.tasks.rollback import choose_target
+
+    registry = DeploymentRegistry(tmp_path)
+    released(registry, "svc", "a")                       # 1
+    released(registry, "svc", "b")                       # 2
+    assert choose_target(registry.read("svc"), None)["revision"] == 1
+    released(registry, "svc", "c")                       # 3, bad
+    doc = registry.read("svc")
+    assert choose_target(doc, None)["revision"] == 2
+    released(registry, "svc", "b")                       # 4: revision 2 brought back
+    doc = registry.read("svc")
+    doc["history"][0]["rolled_back"] = {"by_revision": 4}  # what rollback_deployment marks on 3
+    registry.write("svc", doc)
+    # 3 was rolled back from, 2 holds the live checkpoint: 1 is next.
+    assert choose_target(registry.read("svc"), None)["revision"] == 1
+    assert choose_target(registry.read("svc"), 3)["revision"] == 3  # --to may still name it
+    legacy = registry.read("svc")
+    del legacy["history"][-1]["release"]  # recorded before releases were kept
+    registry.write("svc", legacy)
+    with pytest.raises(InputError, match="revision 1 of 'svc' was deployed before quantflow recorded"):
+        choose_target(registry.read("svc"), 1)
+    with pytest.raises(InputError, match="no previous revision"):
+        choose_target(registry.read("svc"), None)
 
 
 @needs_serving

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, needs_serving
 from quantflow.platform.submit import PrefectREST
 from services import moto_server, pg_query, production_services, services_reason
 
@@ -454,3 +454,83 @@ def test_state_lives_in_postgres_and_messages_in_redis(platform):
     assert in_db == via_api and in_db > 0
     keys = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_TEST_DB).keys("message:messaging-cache:*")
     assert keys, "no Prefect messages passed through Redis"
+
+
+def second_checkpoint(validated: dict, out) -> dict:
+    """Another validated checkpoint of the same scheme (calibration drawn with another
+    seed): a revision to roll back from that is not the one rolled back to."""
+    from quantflow.tasks.calibration import build_calibration
+    from quantflow.tasks.quantize import quantize_model
+    from quantflow.tasks.validate import validate_model
+
+    cfg = validated["config"]
+    cal = build_calibration(cfg.calibration.model_copy(update={"seed": 7}), validated["checkpoint"], str(out))
+    quant = quantize_model(cfg.quant, validated["checkpoint"], cal, str(out))
+    verdict = validate_model(cfg.validation, validated["checkpoint"], quant, str(out))
+    assert verdict.overall_pass and quant.checkpoint_sha256 != validated["quantized"].checkpoint_sha256
+    return {"quantized": quant, "validation": verdict, "out": out}
+
+
+def flow_runs_of(api: PrefectREST, deployment: str) -> list[dict]:
+    dep = api._ok(api.request("GET", f"deployments/name/{deployment}"))
+    return api._ok(api.request("POST", "flow_runs/filter", json={
+        "deployments": {"id": {"any_": [dep["id"]]}}, "sort": "EXPECTED_START_TIME_DESC"}))
+
+
+@needs_serving
+@pytest.mark.serving
+@pytest.mark.skipif(shutil.which("nginx", path="/usr/sbin:/usr/bin") is None,
+                    reason="nginx missing: run `make system-packages` (nginx-light)")
+def test_a_critical_alert_rolls_back_a_deployment_with_auto_rollback(platform, validated_served, tmp_path):
+    """monitor.auto_rollback: revision 2's server dies (kill -9); the next monitoring round
+    raises endpoint_unreachable; the shipped trigger runs the `rollback` deployment on a
+    worker, which brings revision 1's checkpoint back at the same address. Then the
+    `stop-deployment` deployment stops it, as an operator would from the UI."""
+    import signal
+
+    from helpers import complete, stop_deployment
+    from quantflow.serving.proxy import UPSTREAM_HEADER
+    from quantflow.serving.registry import DeploymentRegistry
+    from quantflow.tasks.deploy import deploy_model
+
+    v = validated_served
+    other = second_checkpoint(v, tmp_path / "second")
+    name = "auto"
+    deploy = v["config"].deploy.model_copy(update={"port": free_port(), "proxy": "nginx"})
+    monitor = v["config"].monitor.model_copy(update={"auto_rollback": True})
+    api = PrefectREST(platform["api_url"], AUTH)
+    try:
+        first = deploy_model(deploy, v["quantized"], v["validation"], str(v["out"]), name, monitor=monitor,
+                             golden=v["checkpoint"].golden)
+        second = deploy_model(deploy, other["quantized"], other["validation"], str(other["out"]), name,
+                              monitor=monitor, golden=v["checkpoint"].golden)
+        assert (first["revision"], second["revision"]) == (1, 2) and second["base_url"] == first["base_url"]
+        os.killpg(os.getpgid(second["pid"]), signal.SIGKILL)
+        # The scheduled monitor's round, run now, on a worker as the platform runs it.
+        probe = api.create_flow_run("quality-monitor/quality-monitor", {"deployment": name, "start_exporter": False})
+        assert api.wait(probe["id"], timeout_s=300)["state_type"] == "COMPLETED"
+        deadline = time.monotonic() + 600
+        runs: list[dict] = []
+        while time.monotonic() < deadline:
+            runs = flow_runs_of(api, "rollback/rollback")
+            if runs and runs[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED"):
+                break
+            time.sleep(2)
+        assert runs and runs[0]["state_type"] == "COMPLETED", runs[:1] and runs[0]["state"]
+        assert runs[0]["parameters"]["name"] == name
+        live = DeploymentRegistry().active(name)
+        assert (live["revision"], live["model_dir"], live["base_url"]) == (3, first["model_dir"], first["base_url"])
+        assert live["rollback"]["to_revision"] == 1 and live["rollback"]["from_revision"] == 2
+        assert live["rollback"]["reason"].startswith("automatic: quantflow.monitor.endpoint_unreachable"), live
+        r = httpx.post(f"{live['base_url']}/v1/completions", timeout=60, json={
+            "model": live["served_model_name"], "prompt": "evaluated when the", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.headers[UPSTREAM_HEADER] == live["upstream_url"].removeprefix("http://")
+        assert complete(live["base_url"], live["served_model_name"], "evaluated when the", 4)
+
+        stop = api.create_flow_run("stop-deployment/stop-deployment", {"name": name})
+        assert api.wait(stop["id"], timeout_s=300)["state_type"] == "COMPLETED"
+        assert DeploymentRegistry().active(name) is None
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{live['base_url']}/health", timeout=5)
+    finally:
+        stop_deployment(name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -62,6 +64,27 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def under_load(base_url: str, model: str, action, what: str):
+    """Run `action()` while CLIENTS keep-alive clients send completions to base_url: some
+    requests before it, and three from each client after it returned. Returns (action's
+    result, every request sorted by start, action's start, action's end)."""
+    stop = threading.Event()
+    clients = [Client(base_url, model, stop) for _ in range(CLIENTS)]
+    for c in clients:
+        c.start()
+    wait_for(lambda: all(len(c.results) >= 2 for c in clients), 120, f"requests before the {what}")
+    start = time.monotonic()
+    result = action()
+    end = time.monotonic()
+    wait_for(lambda: all(sum(r["start"] > end for r in c.results) >= 3 for c in clients),
+             120, f"requests after the {what}")
+    stop.set()
+    for c in clients:
+        c.join(timeout=150)
+    assert not any(c.is_alive() for c in clients)
+    return result, sorted((r for c in clients for r in c.results), key=lambda r: r["start"]), start, end
+
+
 def test_rollout_under_load_keeps_the_address_and_fails_no_request(validated_served, monkeypatch):
     v = validated_served
     monkeypatch.setenv(KEY_ENV, KEY)
@@ -77,23 +100,9 @@ def test_rollout_under_load_keeps_the_address_and_fails_no_request(validated_ser
         assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
         model = first["served_model_name"]
 
-        stop = threading.Event()
-        clients = [Client(base, model, stop) for _ in range(CLIENTS)]
-        for c in clients:
-            c.start()
-        wait_for(lambda: all(len(c.results) >= 2 for c in clients), 120, "requests before the rollout")
-        rollout_start = time.monotonic()
-        second = deploy_model(deploy, v["quantized"], v["validation"], str(v["out"]), name,
-                              golden=v["checkpoint"].golden)
-        rollout_end = time.monotonic()
-        wait_for(lambda: all(sum(r["start"] > rollout_end for r in c.results) >= 3 for c in clients),
-                 120, "requests after the rollout")
-        stop.set()
-        for c in clients:
-            c.join(timeout=150)
-        assert not any(c.is_alive() for c in clients)
-
-        results = sorted((r for c in clients for r in c.results), key=lambda r: r["start"])
+        second, results, rollout_start, rollout_end = under_load(
+            base, model, lambda: deploy_model(deploy, v["quantized"], v["validation"], str(v["out"]), name,
+                                              golden=v["checkpoint"].golden), "rollout")
         failures = [r for r in results if not r["ok"]]
         old_up, new_up = (rec["upstream_url"].removeprefix("http://") for rec in (first, second))
         on_old = [r for r in results if r["upstream"] == old_up]
@@ -103,7 +112,7 @@ def test_rollout_under_load_keeps_the_address_and_fails_no_request(validated_ser
               f"failed; {len(on_old)} served by the old server, {len(on_new)} by the new; rollout "
               f"{rollout_end - rollout_start:.1f}s; the old server finished requests for "
               f"{drain:.2f}s after the new one had started serving")
-        assert failures == [], failures[:5]
+        assert failures == [], [r.get("error") for r in failures[:5]]
         assert second["base_url"] == base and old_up != new_up
         assert second["proxy"]["pid"] == first["proxy"]["pid"]  # reloaded, not restarted
         # Load before, during and after the switch: requests before the rollout began, the
@@ -118,6 +127,28 @@ def test_rollout_under_load_keeps_the_address_and_fails_no_request(validated_ser
         prefix = second["proxy"]["prefix"]
         assert nginx_masters(prefix) == [second["proxy"]["pid"]]
         assert DeploymentRegistry().active(name)["pid"] == second["pid"]
+
+        # Then an operator rolls back to revision 1 (`quantflow rollback stable --to 1`),
+        # under the same load: the same graceful switch, a third server, revision 3.
+        cli, back, back_start, back_end = under_load(base, model, lambda: subprocess.run(
+            [sys.executable, "-m", "quantflow.cli", "rollback", name, "--to", "1", "--reason", "load test"],
+            capture_output=True, text=True, timeout=600), "rollback")
+        assert cli.returncode == 0, cli.stderr[-3000:]
+        third = DeploymentRegistry().active(name)
+        failed = [r for r in back if not r["ok"]]
+        third_up = third["upstream_url"].removeprefix("http://")
+        print(f"rollback: {len(back)} requests, {len(failed)} failed; {back_end - back_start:.1f}s "
+              f"(CLI included); {sum(r['upstream'] == new_up for r in back)} served by revision 2, "
+              f"{sum(r['upstream'] == third_up for r in back)} by revision 3 (revision 1's checkpoint)")
+        assert f"rolled back {name}: revision 2 -> revision 1" in cli.stdout, cli.stdout
+        assert failed == [], [r.get("error") for r in failed[:5]]
+        assert (third["revision"], third["base_url"], third["model_dir"]) == (3, base, first["model_dir"])
+        assert third["rollback"]["to_revision"] == 1 and third["rollback"]["from_revision"] == 2
+        assert third["rollback"]["reason"] == "load test"
+        assert all(r["upstream"] == third_up for r in back if r["start"] > back_end)
+        assert group_members(second["pid"]) == [] and vllm_serving(model) == [third["pid"]]
+        history = DeploymentRegistry().read(name)["history"]
+        assert history[0]["revision"] == 2 and history[0]["rolled_back"]["by_revision"] == 3
     finally:
         active = DeploymentRegistry().active(name)
         stop_deployment(name)

@@ -189,3 +189,7 @@ class MonitorConfig(StrictModel):
     """Port of the Prometheus exporter (must differ from deploy.port and deploy.port + 1)."""
     state_uri: str | None = None
     """Where probe history and alert counts persist; default <output_dir>/monitor."""
+    auto_rollback: bool = False
+    """On a critical alert (quality_regression, endpoint_unreachable) the `rollback` Prefect
+    deployment's trigger (registered by `make up`) releases the previous revision again at the
+    same address, recording the alert as the reason. Off: the alert is raised and nothing acts."""

@@ -35,7 +35,7 @@ def deployment_rows(registry: DeploymentRegistry | None = None) -> list[dict[str
                 state = None
         last = state.history[-1] if state and state.history else None
         rows.append({
-            "name": name, "model": record.get("served_model_name"), "checkpoint": record.get("model"),
+            "name": name, "model": record.get("served_model_name"), "checkpoint": record.get("model_dir"),
             "scheme": record.get("label"), "address": record.get("base_url"),
             "revision": record.get("revision") or len(doc.get("history", [])) + 1,
             "since": record.get("deployed_at"),

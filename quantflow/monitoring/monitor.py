@@ -80,7 +80,7 @@ def monitor_round(record: dict, cfg: MonitorConfig) -> dict[str, Any]:
         alerts.append(raise_alert(
             state, "endpoint_unreachable", "critical",
             f"{len(failed)} of {len(results)} probes got no answer from {record['base_url']}: "
-            f"{failed[0]['error']}", {"errors": [r["error"] for r in failed]}))
+            f"{failed[0]['error']}", {"errors": [r["error"] for r in failed]}, cfg.auto_rollback))
     score = state.add_probes(answered, cfg.window) if answered else state.quality_score
     if score is not None and answered and score < cfg.min_mean_score:
         alerts.append(raise_alert(
@@ -88,7 +88,7 @@ def monitor_round(record: dict, cfg: MonitorConfig) -> dict[str, Any]:
             f"mean quality of the last {min(cfg.window, len(state.history))} probes is "
             f"{score:.2f} < {cfg.min_mean_score}",
             {"score": score, "threshold": cfg.min_mean_score,
-             "failed": [r["prompt"] for r in results if r["score"] < 1]}))
+             "failed": [r["prompt"] for r in results if r["score"] < 1]}, cfg.auto_rollback))
     p99 = None
     try:
         snap = vllm_metrics.scrape(record["base_url"])

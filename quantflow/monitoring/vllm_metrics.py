@@ -10,7 +10,10 @@ WATCHED = ("vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds
 
 def scrape(base_url: str, timeout_s: float = 10) -> dict[str, dict[str, float]]:
     """{histogram name: {le: cumulative count}} for the watched histograms (all models summed)."""
-    text = httpx.get(base_url.rstrip("/") + "/metrics", timeout=timeout_s).text
+    answer = httpx.get(base_url.rstrip("/") + "/metrics", timeout=timeout_s)
+    # Behind nginx a dead vLLM answers 502 with an HTML page, which is no exposition text.
+    answer.raise_for_status()
+    text = answer.text
     out: dict[str, dict[str, float]] = {name: {} for name in WATCHED}
     for family in text_string_to_metric_families(text):
         if family.name not in WATCHED:

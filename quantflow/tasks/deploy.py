@@ -107,11 +107,17 @@ def preflight(cfg: DeployConfig, quantized: QuantizedManifest, env_info: dict, l
 
 def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                  validation: ValidationManifest | None, output_uri: str, name: str,
-                 monitor: MonitorConfig | None = None, golden: list[dict] | None = None) -> dict:
+                 monitor: MonitorConfig | None = None, golden: list[dict] | None = None,
+                 note: dict | None = None) -> dict:
     """`golden`: the baseline's answers to the health and probe prompts (stage 1); the
     health check and monitoring compare the served model with them and with the quantized
-    model's own answers that validation recorded in its report."""
+    model's own answers that validation recorded in its report. `note` is merged into the
+    deployment's record (a rollback says which revision it brought back, and why)."""
     store = ArtifactStore(output_uri)
+    # What a rollback needs to release this revision again through this same function.
+    release = {"deploy": deploy.model_dump(mode="json"), "quantized": quantized.model_dump(mode="json"),
+               "validation": validation.model_dump(mode="json") if validation else None,
+               "golden": list(golden or [])}
     if deploy.backend == "kubernetes":
         from quantflow.serving.kubernetes import deploy_to_cluster
 
@@ -201,7 +207,8 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                   "health": health, "served_fidelity": fidelity, "deployed_at": now(), "backend": "local",
                   "monitor": monitor.model_dump(mode="json") if monitor else None,
                   "auth": bool(api_key(deploy)), "api_key_env": deploy.api_key_env,
-                  "golden": list(golden or []), "performance": expectation(report)}
+                  "golden": list(golden or []), "performance": expectation(report),
+                  "release": release, **(note or {})}
         if proxy is not None:
             # Clients (and monitoring) use the stable address; the server's own is upstream_url.
             record.update(base_url=proxy.base_url, upstream_url=spec.base_url, proxy=proxy.record())
