@@ -8,6 +8,8 @@ NAME` do, on the worker's machine (its $QUANTFLOW_STATE_DIR).
 
 from __future__ import annotations
 
+import re
+
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
@@ -22,7 +24,8 @@ def rollback(name: str, to_revision: int | None = None, reason: str = "requested
     record = rollback_deployment(name, to_revision, reason)
     done = record["rollback"]
     create_markdown_artifact(
-        key=f"{name}-rollback".lower().replace("_", "-"),
+        # Artifact keys allow lowercase letters, digits and dashes only.
+        key=re.sub(r"[^a-z0-9-]+", "-", f"{name}-rollback".lower()),
         description=f"{name}: rolled back to revision {done['to_revision']}",
         markdown=(f"**{name}**: revision {done['from_revision']} → revision {done['to_revision']} "
                   f"({record['label']}), live as revision {record['revision']} at {record['base_url']}\n\n"

@@ -103,13 +103,13 @@ def monitor_round(record: dict, cfg: MonitorConfig) -> dict[str, Any]:
         alerts.append(raise_alert(state, "latency_regression", "warning",
                                   f"vLLM p99 end-to-end latency {p99:.2f}s > {limit_s:.3g}s ({basis}) "
                                   "since the previous check",
-                                  {"p99_s": p99, "threshold_s": limit_s, "basis": basis}))
+                                  {"p99_s": p99, "threshold_s": limit_s, "basis": basis}, cfg.auto_rollback))
     slow = slow_probes(answered, record.get("performance"), cfg)
     if slow:
         alerts.append(raise_alert(state, "latency_regression", "warning",
                                   f"{len(slow)} probe(s) generated slower than the pre-deploy rate "
                                   f"{slow[0]['expected_tok_per_s']:.3g} tok/s / {cfg.latency_tolerance}: "
-                                  f"{slow[0]['tok_per_s']:.3g} tok/s", {"slow": slow}))
+                                  f"{slow[0]['tok_per_s']:.3g} tok/s", {"slow": slow}, cfg.auto_rollback))
     save_state(store, state)
     log.info("monitor %s: quality %s over %d probes, p99 %s, %d alert(s)", record["name"],
              f"{score:.2f}" if score is not None else "n/a", min(cfg.window, len(state.history)),

@@ -92,7 +92,8 @@ def rollback_deployment(name: str, to_revision: int | None = None, reason: str =
             doc = registry.read(name)
             for entry in doc["history"]:
                 if entry.get("revision") == came_from:
-                    entry["rolled_back"] = {"by_revision": record["revision"], "reason": reason, "at": note["rollback"]["at"]}
+                    entry["rolled_back"] = {"by_revision": record["revision"], "reason": reason,
+                                            "at": note["rollback"]["at"]}
             registry.write(name, doc)
     log.info("rollback: %s is revision %s again, live as revision %s at %s", name, target["revision"],
              record["revision"], record["base_url"])
