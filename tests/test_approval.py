@@ -1,6 +1,7 @@
-"""Optional human approval between a passing validation and deployment. (A rejection, on
-the platform through the REST API: tests/test_platform.py
-test_approval_suspends_and_releases_the_worker.)"""
+"""Optional human approval between a passing validation and deployment, in-process. (On
+the platform: a rejection through the REST API, tests/test_platform.py
+test_approval_suspends_and_releases_the_worker; an approval that deploys and a rejection,
+through the UI's resume form, tests/test_browser.py.)"""
 
 from __future__ import annotations
 
@@ -50,17 +51,23 @@ def decide(run_id: str, approve: bool, reason: str) -> None:
 
 @needs_serving
 @pytest.mark.serving
-def test_approved_model_is_deployed(prefect_server, config_factory):
+def test_a_paused_run_rejected_deploys_nothing(prefect_server, config_factory):
+    """An in-process run (`quantflow run`) pauses rather than suspends; a rejection ends it
+    ApprovalRejected with the reason and nothing deployed. (Approved, the same decision
+    deploys: in the browser, tests/test_browser.py, through a suspended deployment run.)"""
     cfg = config_factory(validation={"require_approval": True,
                                      "perplexity": {"source": {"dataset": ".cache/demo/data/heldout.jsonl"},
                                                     "window": 128}})
     try:
         thread, box = run_in_thread(lambda: quantize_pipeline(config=cfg, return_state=True))
-        decide(wait_paused(prefect_server, cfg.output_uri), True, "LGTM")
+        decide(wait_paused(prefect_server, cfg.output_uri), False, "not this week")
         thread.join(600)
-        assert box["state"].is_completed(), box["state"].message
+        state = box["state"]
+        assert state.name == "ApprovalRejected" and "not this week" in state.message, state
         summary = json.loads((Path(cfg.output_uri) / "pipeline_summary.json").read_text())
-        assert summary["approval"] == "LGTM" and summary["outcome"] == "deployed"
-        assert DeploymentRegistry().active(cfg.name)["base_url"] == summary["endpoint"]
+        assert summary["approval"] == "not this week" and summary["outcome"] == "approval_rejected"
+        assert summary["verdict"] == "pass" and "deploy" not in summary["stages"]
+        assert DeploymentRegistry().active(cfg.name) is None
+        assert not (Path(cfg.output_uri) / "deployment.json").exists()
     finally:
         stop_deployment(cfg.name)

@@ -24,6 +24,22 @@ def cli(*args: str, state: str | None = None) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+def cli_here(capsys, *args: str, state: str) -> subprocess.CompletedProcess:
+    """The same command line in this process (no interpreter start per call): its exit
+    code and what it printed."""
+    from quantflow.cli import main
+
+    saved = dict(os.environ)
+    os.environ["QUANTFLOW_STATE_DIR"] = state
+    try:
+        code = main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def test_stopping_an_unknown_name_is_refused_naming_it(tmp_path):
     empty = cli("deployments", state=str(tmp_path))
     assert empty.returncode == 0 and "no deployments are live here" in empty.stdout, empty.stderr
@@ -54,20 +70,20 @@ def released(registry: DeploymentRegistry, name: str, sha: str, **extra) -> dict
     return record
 
 
-def test_a_rollback_with_no_previous_revision_is_refused_naming_it(tmp_path):
+def test_a_rollback_with_no_previous_revision_is_refused_naming_it(tmp_path, capsys):
     registry = DeploymentRegistry(tmp_path)
     released(registry, "svc", "a")
-    only = cli("rollback", "svc", state=str(tmp_path))
+    only = cli_here(capsys, "rollback", "svc", state=str(tmp_path))
     assert only.returncode == 1, only.stdout
     assert "quantflow rollback NAME: 'svc' has no previous revision to roll back to (revision 1 is live; " \
         "earlier revisions recorded: none" in only.stderr, only.stderr
     assert "deploy another model with `quantflow run`, or name a revision with --to" in only.stderr
-    unknown = cli("rollback", "nope", state=str(tmp_path))
+    unknown = cli_here(capsys, "rollback", "nope", state=str(tmp_path))
     assert unknown.returncode == 1 and "no deployment named 'nope' is recorded here (recorded: svc)" in unknown.stderr
     released(registry, "svc", "b")
     for to, says in ((2, "revision 2 of 'svc' is the one live now"),
                      (7, "'svc' has no recorded revision 7 (recorded earlier revisions: 1)")):
-        refused = cli("rollback", "svc", "--to", str(to), state=str(tmp_path))
+        refused = cli_here(capsys, "rollback", "svc", "--to", str(to), state=str(tmp_path))
         assert refused.returncode == 1 and f"quantflow rollback NAME --to: {says}" in refused.stderr, refused.stderr
     assert registry.active("svc")["revision"] == 2  # nothing changed
 

@@ -500,8 +500,9 @@ def test_a_critical_alert_rolls_back_a_deployment_with_auto_rollback(platform, v
     monitor = v["config"].monitor.model_copy(update={"auto_rollback": True})
     api = PrefectREST(platform["api_url"], AUTH)
     try:
-        first = deploy_model(deploy, v["quantized"], v["validation"], str(v["out"]), name, monitor=monitor,
-                             golden=v["checkpoint"].golden)
+        # deployment.json of its own: the session's live deployment owns v["out"]'s.
+        first = deploy_model(deploy, v["quantized"], v["validation"], str(tmp_path / "first"), name,
+                             monitor=monitor, golden=v["checkpoint"].golden)
         second = deploy_model(deploy, other["quantized"], other["validation"], str(other["out"]), name,
                               monitor=monitor, golden=v["checkpoint"].golden)
         assert (first["revision"], second["revision"]) == (1, 2) and second["base_url"] == first["base_url"]

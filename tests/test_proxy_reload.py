@@ -1,7 +1,8 @@
 """nginx's switch between upstreams, many times under fast keep-alive clients, with plain
 HTTP/1.1 servers standing in for vLLM (what is tested is nginx's reload, not the model):
 no request is lost at a reload. With keep-alive towards clients, the old workers closed
-idle connections a request had just been sent on (27 of 2,501 lost over 60 switches)."""
+idle connections a request had just been sent on (27 of 2,501 lost over 60 switches;
+10 of 1,286 over the 30 here, with keep-alive put back on purpose)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from conftest import free_port
 from quantflow.serving.proxy import UPSTREAM_HEADER, NginxProxy, nginx_binary
 
 pytestmark = pytest.mark.skipif(nginx_binary() is None, reason="nginx missing: run `make system-packages` (nginx-light)")
-SWITCHES, CLIENTS = 60, 6
+SWITCHES, CLIENTS = 30, 6
 
 
 class Answer(http.server.BaseHTTPRequestHandler):
