@@ -14,7 +14,7 @@ import pytest
 
 from conftest import free_port_pair, needs_serving
 from helpers import complete, server_processes, stop_deployment
-from quantflow.errors import InputError
+from quantflow.errors import InputError, StageError
 from quantflow.serving.registry import DeploymentRegistry
 
 
@@ -150,3 +150,25 @@ def test_stop_by_name_leaves_the_other_deployment_answering(live_deployment, val
         assert DeploymentRegistry().active("live")["pid"] == live["pid"]
     finally:
         stop_deployment("second")
+
+
+def test_a_revision_whose_checkpoint_is_gone_is_refused_and_the_live_one_left(tmp_path):
+    """The earlier revision's folder was deleted since: the deploy stage's own check refuses
+    it before any server starts, and the registry still names revision 2 as live."""
+    from quantflow.storage.manifests import QuantizedManifest
+    from quantflow.tasks.rollback import rollback_deployment
+
+    gone = QuantizedManifest(uri=str(tmp_path / "gone" / "quantized_model"), files={"model.safetensors": "0" * 64},
+                             label="rtn-w4a16-g128", method="rtn", entry_point="model_free_ptq", recipe=None,
+                             quantization_format="pack-quantized", size_bytes=1, baseline_size_bytes=4)
+    registry = DeploymentRegistry(tmp_path / "state")
+    released(registry, "svc", "a", output_uri=str(tmp_path / "gone"),
+             release={"deploy": {}, "quantized": gone.model_dump(mode="json"), "validation": None, "golden": []})
+    released(registry, "svc", "b")
+    with pytest.raises(StageError) as refused:
+        rollback_deployment("svc", registry=registry)
+    assert str(refused.value).startswith(
+        "[rollback] revision 1 of 'svc' could not be brought back; revision 2 is left as it was. "
+        f"quantized checkpoint {gone.uri} is missing"), refused.value
+    assert registry.active("svc")["revision"] == 2 and not registry.read("svc")["history"][0].get("rolled_back")
+

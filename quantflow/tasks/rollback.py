@@ -84,7 +84,7 @@ def rollback_deployment(name: str, to_revision: int | None = None, reason: str =
             monitor=MonitorConfig.model_validate(target["monitor"]) if target.get("monitor") else None,
             golden=release["golden"], note=note)
     except StageError as err:
-        keeps = f"revision {came_from} keeps serving" if active else "nothing was serving"
+        keeps = f"revision {came_from} is left as it was" if active else "nothing was serving"
         raise StageError("rollback", f"revision {target['revision']} of {name!r} could not be brought back; "
                          f"{keeps}. {err.cause}", err.fix) from None
     if came_from is not None:
