@@ -32,7 +32,7 @@ from quantflow.errors import ConfigError, InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_GATE = 0, 1, 2
 # Final state names of rejected runs (quantflow.flows.pipeline), without importing Prefect here.
-GATE_STATE, REJECTED_STATE = "QualityGateFailed", "ApprovalRejected"
+GATE_STATE, REJECTED_STATE, CANARY_STATE = "QualityGateFailed", "ApprovalRejected", "CanaryRolledBack"
 DEMO_CONFIG = Path("configs/demo.yaml")
 
 
@@ -106,7 +106,7 @@ def run_pipeline(config, show_completion: bool = True, note: str | None = None, 
             except httpx.HTTPError as err:  # the run succeeded; the sample is a courtesy
                 print(f"  completion   (could not fetch a sample: {err})")
         return EXIT_OK
-    if state.name in (GATE_STATE, REJECTED_STATE):
+    if state.name in (GATE_STATE, REJECTED_STATE, CANARY_STATE):
         return EXIT_GATE
     try:
         state.result()
@@ -155,6 +155,10 @@ def _print_summary(summary: dict, state) -> None:
     verdict = summary.get("verdict")
     if verdict:
         print(f"  verdict      {verdict.upper()}" + ("" if verdict == "pass" else f"  ({state.message})"))
+    canary = summary.get("canary")
+    if canary:
+        print(f"  canary       rolled back at {canary['steps'][-1]['percent']}%: {canary['reason']}; "
+              f"revision {canary['live']['revision']} keeps serving {canary['live']['base_url']}")
     if summary.get("endpoint"):
         print(f"  endpoint     {summary['endpoint']}/v1 (model {summary['served_model_name']!r})")
     if summary.get("metrics_url"):
@@ -401,7 +405,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"flow run {run['name']} ended {final['state_name']}: {final['state']['message'] or ''}")
     if final["state_type"] == "COMPLETED":
         return EXIT_OK
-    return EXIT_GATE if final["state_name"] in (GATE_STATE, REJECTED_STATE) else EXIT_FAILED
+    return EXIT_GATE if final["state_name"] in (GATE_STATE, REJECTED_STATE, CANARY_STATE) else EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:

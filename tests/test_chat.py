@@ -56,7 +56,11 @@ def test_chat_model_calibrates_validates_and_deploys_with_chat_probes(moe_fixtur
                                   "consistency": {"prompts": ["The for statement"], "max_new_tokens": 8,
                                                   "kl_tokens": 512, "max_kl": 0.1},
                                   "lm_eval": {"enabled": False}},
-                      deploy={"health": {"messages": CHAT, "max_tokens": 4}},
+                      # float32, as validate computed the answers the health check compares
+                      # with: on an AVX2 host (no native bf16) this model's greedy answer to
+                      # CHAT flips in bfloat16 ("after the" served, "a function defini" in
+                      # float32, measured on an AMD EPYC without AVX-512).
+                      deploy={"dtype": "float32", "health": {"messages": CHAT, "max_tokens": 4}},
                       monitor={"probes": [{"messages": CHAT, "max_tokens": 4},
                                           {"prompt": "evaluated when the", "max_tokens": 4}]})
     try:

@@ -18,6 +18,12 @@ from quantflow.quantization.recipes import recipe_dict, streaming_scheme
     ({"quant.method": "squeezellm"}, "quant.method", "'gptq', 'awq', 'rtn'"),
     ({"quant.method": "awq", "quant.bits": 8}, "quant.bits", "allowed: 3, 4"),
     ({"quant.bitz": 4}, "quant.bitz", "unknown key"),
+    ({"deploy.rollout.steps": [50, 10, 100]}, "deploy.rollout.steps", "steps must increase"),
+    ({"deploy.rollout.steps": [10, 50]}, "deploy.rollout.steps", "steps must end at 100"),
+    ({"deploy.rollout.steps": [0, 100]}, "deploy.rollout.steps", "from 1 to 100"),
+    ({"deploy.rollout.mirror.share": 1.5}, "deploy.rollout.mirror.share", "less than or equal to 1"),
+    ({"deploy.rollout.mirror.share": -0.1}, "deploy.rollout.mirror.share", "greater than or equal to 0"),
+    ({"deploy.rollout.strategy": "canary", "deploy.proxy": "none"}, "deploy", "needs backend local and deploy.proxy"),
 ])
 def test_bad_config_names_field_and_allowed_values(overrides, field, allowed):
     with pytest.raises(ConfigError) as err:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 
 import httpx
 import psutil
@@ -13,16 +11,15 @@ import pytest
 
 from conftest import free_port, needs_serving
 from helpers import stop_deployment, vllm_serving
+from load import CLIENTS, under_load
 from quantflow.processes import group_members
-from quantflow.serving.proxy import UPSTREAM_HEADER, nginx_binary
+from quantflow.serving.proxy import nginx_binary
 from quantflow.serving.registry import DeploymentRegistry
 from quantflow.tasks.deploy import deploy_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving, needs_serving,
               pytest.mark.skipif(nginx_binary() is None,
                                  reason="nginx missing: run `make system-packages` (nginx-light)")]
-CLIENTS = 4
-MAX_REQUESTS = 2000  # per client: the stream is bounded whatever happens
 KEY_ENV, KEY = "QUANTFLOW_STABLE_TEST_KEY", "stable-key-456"
 
 
@@ -30,59 +27,6 @@ def nginx_masters(prefix: str) -> list[int]:
     """pids of nginx masters for this prefix (nginx rewrites its title: "nginx: master process …")."""
     return [p.pid for p in psutil.process_iter(["pid", "cmdline"])
             if "nginx: master" in (cmd := " ".join(p.info["cmdline"] or [])) and prefix in cmd]
-
-
-class Client(threading.Thread):
-    """One keep-alive client (like an SDK's httpx.Client) sending completions back to back."""
-
-    def __init__(self, base_url: str, model: str, stop: threading.Event):
-        super().__init__(daemon=True)
-        self.base_url, self.model, self.stop = base_url, model, stop
-        self.results: list[dict] = []  # start, end, status or error, upstream
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.base_url, timeout=120,
-                          headers={"Authorization": f"Bearer {KEY}"}) as http:
-            while not self.stop.is_set() and len(self.results) < MAX_REQUESTS:
-                start = time.monotonic()
-                try:
-                    r = http.post("/v1/completions", json={
-                        "model": self.model, "prompt": "evaluated when the", "max_tokens": 4,
-                        "temperature": 0})
-                    ok = r.status_code == 200 and r.json()["choices"][0]["text"] is not None
-                    outcome = {"status": r.status_code, "ok": ok,
-                               "upstream": r.headers.get(UPSTREAM_HEADER)}
-                except (httpx.HTTPError, ValueError, KeyError) as err:
-                    outcome = {"status": None, "ok": False, "error": repr(err), "upstream": None}
-                self.results.append({"start": start, "end": time.monotonic(), **outcome})
-
-
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.2)
-
-
-def under_load(base_url: str, model: str, action, what: str):
-    """Run `action()` while CLIENTS keep-alive clients send completions to base_url: some
-    requests before it, and three from each client after it returned. Returns (action's
-    result, every request sorted by start, action's start, action's end)."""
-    stop = threading.Event()
-    clients = [Client(base_url, model, stop) for _ in range(CLIENTS)]
-    for c in clients:
-        c.start()
-    wait_for(lambda: all(len(c.results) >= 2 for c in clients), 120, f"requests before the {what}")
-    start = time.monotonic()
-    result = action()
-    end = time.monotonic()
-    wait_for(lambda: all(sum(r["start"] > end for r in c.results) >= 3 for c in clients),
-             120, f"requests after the {what}")
-    stop.set()
-    for c in clients:
-        c.join(timeout=150)
-    assert not any(c.is_alive() for c in clients)
-    return result, sorted((r for c in clients for r in c.results), key=lambda r: r["start"]), start, end
 
 
 def test_rollout_under_load_keeps_the_address_and_fails_no_request(validated_served, monkeypatch):
@@ -102,7 +46,7 @@ def test_rollout_under_load_keeps_the_address_and_fails_no_request(validated_ser
 
         second, results, rollout_start, rollout_end = under_load(
             base, model, lambda: deploy_model(deploy, v["quantized"], v["validation"], str(v["out"]), name,
-                                              golden=v["checkpoint"].golden), "rollout")
+                                              golden=v["checkpoint"].golden), "rollout", KEY)
         failures = [r for r in results if not r["ok"]]
         old_up, new_up = (rec["upstream_url"].removeprefix("http://") for rec in (first, second))
         on_old = [r for r in results if r["upstream"] == old_up]
@@ -132,7 +76,7 @@ def test_rollout_under_load_keeps_the_address_and_fails_no_request(validated_ser
         # under the same load: the same graceful switch, a third server, revision 3.
         cli, back, back_start, back_end = under_load(base, model, lambda: subprocess.run(
             [sys.executable, "-m", "quantflow.cli", "rollback", name, "--to", "1", "--reason", "load test"],
-            capture_output=True, text=True, timeout=600), "rollback")
+            capture_output=True, text=True, timeout=600), "rollback", KEY)
         assert cli.returncode == 0, cli.stderr[-3000:]
         third = DeploymentRegistry().active(name)
         failed = [r for r in back if not r["ok"]]

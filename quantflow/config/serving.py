@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from quantflow.config.base import StrictModel
 
@@ -84,6 +84,66 @@ class KubernetesTarget(StrictModel):
     """Kubeconfig context; None = in-cluster config, or the current context."""
 
 
+class MirrorConfig(StrictModel):
+    """Shadow comparison during a canary step: a share of the real requests is copied by nginx
+    and sent, greedy and one token long, to both the live and the canary server; the answers
+    are compared and discarded. Clients only ever get the answer of the server nginx chose."""
+
+    share: float = Field(default=0.25, ge=0, le=1)
+    """Fraction of the requests (0-1) nginx copies to the comparison while a step holds; 0 turns
+    the quality analysis off."""
+    max_per_step: int = Field(default=20, ge=1)
+    """Most mirrored requests compared per step; copies beyond it (or arriving while the
+    comparison is busy) are dropped, so the shadow load stays bounded."""
+    min_compared: int = Field(default=5, ge=0)
+    """Mirrored requests a step must have compared before it can pass (with share > 0)."""
+    min_agreement: float = Field(default=0.9, ge=0, le=1)
+    """Fraction of compared requests (0-1) on which the canary's first greedy token must equal
+    the live model's."""
+
+
+class RolloutConfig(StrictModel):
+    """How a new model takes the traffic from the live one (local backend behind nginx)."""
+
+    strategy: Literal["blue-green", "canary"] = "blue-green"
+    """blue-green: all traffic switches once the new server passed its health check. canary: the
+    traffic moves in `steps`, each held and analysed against the live model; a failed step sends
+    all traffic back to the live server (the run ends CanaryRolledBack). A first release has no
+    live model to compare with: it falls back to blue-green and says so in the log and the
+    record."""
+    steps: list[int] = [10, 50, 100]
+    """Percent of the requests sent to the new server at each step; increasing, each 1-100,
+    ending at 100 (the promotion)."""
+    analysis_window_s: float = Field(default=60, gt=0)
+    """Seconds each step before 100 holds at least, before it is judged."""
+    min_requests: int = Field(default=20, ge=1)
+    """Requests the canary must have answered in a step before it is judged."""
+    max_hold_s: float = Field(default=900, gt=0)
+    """A step that has not seen min_requests (or mirror.min_compared) by then fails: too little
+    traffic to judge the canary on."""
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    """Highest fraction (0-1) of the canary's requests that may fail (an HTTP 5xx or a refused
+    connection) in a step."""
+    latency_tolerance: float = Field(default=3.0, ge=1)
+    """The canary's p99 latency in a step may be at most this times the pre-deploy p99
+    (validation.performance), or, without one, the live server's p99 in the same step."""
+    mirror: MirrorConfig = MirrorConfig()
+    """The quality analysis on mirrored requests."""
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_rise_to_100(cls, steps: list[int]) -> list[int]:
+        if not steps:
+            raise ValueError("give at least one step, e.g. [10, 50, 100]")
+        if any(not 1 <= s <= 100 for s in steps):
+            raise ValueError(f"each step is a percent of traffic from 1 to 100, got {steps}")
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"steps must increase, got {steps} (e.g. [10, 50, 100])")
+        if steps[-1] != 100:
+            raise ValueError(f"steps must end at 100 (the promotion), got {steps}")
+        return steps
+
+
 class DeployConfig(StrictModel):
     enabled: bool = True
     """Deploy the model when validation passes; false stops the run after the verdict."""
@@ -144,9 +204,15 @@ class DeployConfig(StrictModel):
     '''More vLLM command-line arguments, passed as given, e.g. ["--enforce-eager"].'''
     kubernetes: KubernetesTarget = KubernetesTarget()
     """With backend kubernetes: where and how the pod runs."""
+    rollout: RolloutConfig = RolloutConfig()
+    """How the new model takes the traffic: at once (blue-green) or in analysed canary steps."""
 
     @model_validator(mode="after")
     def _kubernetes_is_complete(self) -> "DeployConfig":
+        if self.rollout.strategy == "canary" and (self.backend != "local" or self.proxy == "none"):
+            raise ValueError("deploy.rollout.strategy canary splits traffic in this deployment's nginx: it needs "
+                             "backend local and deploy.proxy auto or nginx (with backend kubernetes, use the "
+                             "cluster's own canary tooling)")
         if self.backend != "kubernetes":
             return self
         k = self.kubernetes

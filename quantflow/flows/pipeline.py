@@ -4,6 +4,7 @@ deploy -> monitor. The validation verdict decides, in this flow, whether deploy 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from dataclasses import asdict
@@ -25,7 +26,7 @@ from quantflow.quantization.group_size import block_problem
 from quantflow.serving.compatibility import ensure_servable
 from quantflow.serving.schemes import scheme_for
 from quantflow.storage.store import ArtifactStore
-from quantflow.tasks.deploy import deploy_task
+from quantflow.tasks.deploy import CANARY_STATE, CanaryRolledBack, deploy_task
 from quantflow.tasks.monitor import monitor_task
 from quantflow.profiling import measure
 
@@ -91,6 +92,22 @@ def publish_report(config: PipelineConfig, report: dict) -> None:
                              f"{'PASS' if report['overall_pass'] else 'FAIL'}")
     create_table_artifact(key=f"{key}-checks", table=checks_table(report["checks"]),
                           description="baseline vs quantized, per check")
+
+
+def publish_rollout(config: PipelineConfig, steps: list[dict], outcome: str) -> None:
+    """The canary's analysis, a row per step, as the run's table artifact."""
+    rows = []
+    for step in steps:
+        mirrored = step.get("mirrored") or {}
+        canary, live = step.get("canary") or {}, step.get("live") or {}
+        rows.append({"step": f"{step['percent']}%", "held_s": step.get("held_s"),
+                     "canary answered": canary.get("answered"), "canary failed": canary.get("errors"),
+                     "live answered": live.get("answered"), "canary p99 s": canary.get("p99_s"),
+                     "live p99 s": live.get("p99_s"), "p99 limit s": step.get("latency_limit_s"),
+                     "mirrored compared": mirrored.get("compared"), "agreement": mirrored.get("agreement"),
+                     "verdict": step.get("reason")})
+    create_table_artifact(key=re.sub(r"[^a-z0-9-]+", "-", f"{config.name}-canary".lower()), table=rows,
+                          description=f"Canary of {config.quant.label}: {outcome}")
 
 
 def _timed(stage: str, fn, **kwargs) -> tuple[Any, StageRecord]:
@@ -203,10 +220,17 @@ def release(config: PipelineConfig, summary: Summary, ckpt: Any, quant: Any, ver
         result = summary.write("validated", verdict="pass", **metrics)
         return Completed(message=f"{quant.label} passed validation (deploy disabled)", data=result)
 
-    deployment, rec = _timed("deploy", deploy_task, deploy=config.deploy, quantized=quant,
-                             validation=verdict, output_uri=config.output_uri, name=config.name,
-                             monitor=config.monitor, golden=ckpt.golden)
+    try:
+        deployment, rec = _timed("deploy", deploy_task, deploy=config.deploy, quantized=quant,
+                                 validation=verdict, output_uri=config.output_uri, name=config.name,
+                                 monitor=config.monitor, golden=ckpt.golden)
+    except CanaryRolledBack as err:
+        publish_rollout(config, err.analysis["steps"], f"rolled back: {err.analysis['reason']}")
+        summary.write("canary_rolled_back", verdict="pass", canary=err.analysis, **metrics)
+        return Failed(name=CANARY_STATE, message=err.cause, data={"deployment": err.analysis})
     summary.add(rec)
+    if deployment.get("rollout", {}).get("steps"):
+        publish_rollout(config, deployment["rollout"]["steps"], "promoted: every step passed")
     extra: dict[str, Any] = {"endpoint": deployment.get("base_url"),
                              "served_model_name": deployment.get("served_model_name"),
                              "health": deployment.get("health")}

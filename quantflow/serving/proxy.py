@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,8 +62,10 @@ pid nginx.pid;
 error_log logs/error.log notice;
 events {{ worker_connections 1024; }}
 http {{
+    # A canary's analysis reads each side's requests, failures and latency from these lines
+    # (serving/canary.py): every attempt's server and status, the time the client waited.
     log_format upstream '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
-                        'upstream=$upstream_addr rt=$request_time';
+                        'upstream=$upstream_addr rt=$request_time ustatus=$upstream_status';
     access_log logs/access.log upstream;
     client_body_temp_path tmp/body;
     proxy_temp_path tmp/proxy;
@@ -78,9 +81,12 @@ http {{
     # request costs a loopback handshake, nothing beside a completion's time.
     keepalive_timeout 0;
     include upstream.conf;
+    include shadow_http.conf;
     server {{
         listen {_listen(host, port)};
+        include shadow_server.conf;
         location / {{
+            include shadow_location.conf;
             proxy_pass http://vllm;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -90,8 +96,13 @@ http {{
             proxy_request_buffering off;
             proxy_read_timeout {timeout}s;
             proxy_send_timeout {timeout}s;
-            # The default retries only requests not yet sent: a completion (POST) is never
-            # sent twice. One server in the group is never marked down.
+            # With two servers (a canary step), a request whose server failed before it
+            # answered (refused connection, killed mid-request) is sent to the other one:
+            # a completion changes nothing on the server, so sending it twice is safe
+            # (non_idempotent), and clients see no failure from a dying canary. One server in
+            # the group is never marked down.
+            proxy_next_upstream error timeout non_idempotent;
+            proxy_next_upstream_tries 2;
             add_header {UPSTREAM_HEADER} $upstream_addr always;
         }}
     }}
@@ -99,11 +110,38 @@ http {{
 """
 
 
-def render_upstream(upstream_port: int) -> str:
+def render_upstream(upstream_port: int, canary: tuple[int, int] | None = None) -> str:
+    """One server, or with `canary` = (port, percent) the live one and a canary splitting
+    the requests by weight (percent < 100)."""
     # keepalive_timeout below uvicorn's 5 s keep-alive: nginx never reuses a connection
-    # vLLM is closing (that request would fail, and a POST is not retried).
-    return (f"upstream vllm {{\n    server 127.0.0.1:{upstream_port};\n    keepalive 32;\n"
-            f"    keepalive_timeout 4s;\n}}\n")
+    # vLLM is closing (that request would fail).
+    if canary is None:
+        servers = f"    server 127.0.0.1:{upstream_port};\n"
+    else:
+        port, percent = canary
+        # After one failure a server gets nothing for fail_timeout: a dead canary costs one
+        # retried request per 30 s, not one per request.
+        servers = (f"    server 127.0.0.1:{upstream_port} weight={100 - percent} max_fails=1 fail_timeout=30s;\n"
+                   f"    server 127.0.0.1:{port} weight={percent} max_fails=1 fail_timeout=30s;\n")
+    return f"upstream vllm {{\n{servers}    keepalive 32;\n    keepalive_timeout 4s;\n}}\n"
+
+
+SHADOW_FILES = ("shadow_http.conf", "shadow_server.conf", "shadow_location.conf")
+SHADOW_PATH = "/_quantflow_shadow"
+
+
+def render_shadow(comparer_port: int, share: float) -> dict[str, str]:
+    """nginx copies a `share` of the requests (drawn per request id) to the comparer at
+    `comparer_port`; the copy's answer is discarded, the client gets the primary's only."""
+    return {
+        "shadow_http.conf": (f'split_clients "${{request_id}}" $quantflow_shadow {{\n'
+                             f'    {share * 100:.2f}% 1;\n' + ('    * "";\n' if share < 1 else "") + "}\n"),
+        "shadow_server.conf": (f"location = {SHADOW_PATH} {{\n    internal;\n"
+                               f'    if ($quantflow_shadow = "") {{ return 204; }}\n'
+                               f"    proxy_pass http://127.0.0.1:{comparer_port}$request_uri;\n"
+                               f"    proxy_connect_timeout 2s;\n    proxy_read_timeout 10s;\n}}\n"),
+        "shadow_location.conf": f"mirror {SHADOW_PATH};\nmirror_request_body on;\n",
+    }
 
 
 class NginxProxy:
@@ -144,7 +182,8 @@ class NginxProxy:
             text = (self.prefix / "upstream.conf").read_text()
         except OSError:
             return None
-        return int(text.split("server 127.0.0.1:", 1)[1].split(";", 1)[0])
+        # The first server is the live one (a canary split lists it first).
+        return int(re.split(r"[;\s]", text.split("server 127.0.0.1:", 1)[1], maxsplit=1)[0])
 
     def _write(self, name: str, text: str) -> None:
         tmp = self.prefix / f".{name}.tmp"
@@ -177,6 +216,7 @@ class NginxProxy:
         user = getpass.getuser() if os.geteuid() == 0 else None
         self._write("nginx.conf", render_conf(self.host, self.port, read_timeout_s, user))
         self._write("upstream.conf", render_upstream(upstream_port))
+        self._clear_shadow()
         self._test_conf()
         env = {k: v for k, v in os.environ.items() if k.startswith(("PATH", "LANG", "LC_"))}
         env.update(tag or {})
@@ -222,6 +262,7 @@ class NginxProxy:
         previous = self.upstream_port()
         old_workers = self.workers()
         self._write("upstream.conf", render_upstream(upstream_port))
+        self._clear_shadow()  # a canary's mirroring ends with its last step
         try:
             self._test_conf()
             os.kill(self.pid, signal.SIGHUP)  # graceful reload
@@ -239,6 +280,42 @@ class NginxProxy:
         if left:
             log.warning("proxy: old nginx workers %s still busy after %.0fs; stopping the old "
                         "server anyway", sorted(left), drain_timeout_s)
+
+    def _clear_shadow(self) -> None:
+        for name in SHADOW_FILES:
+            self._write(name, "")
+
+    def split(self, live_port: int, canary_port: int, percent: int,
+              shadow: tuple[int, float] | None = None) -> None:
+        """Send `percent` of new requests to canary_port and the rest to live_port; with
+        `shadow` = (comparer port, share), copy that share of them to the comparer. Returns
+        once nginx's new workers serve this split. On failure nothing changed: the previous
+        files are restored (nginx reloaded with them if it had been told)."""
+        names = ("upstream.conf", *SHADOW_FILES)
+        before = {n: (self.prefix / n).read_text() for n in names}
+        old_workers = self.workers()
+        self._write("upstream.conf", render_upstream(live_port, (canary_port, percent)))
+        files = render_shadow(*shadow) if shadow and shadow[1] > 0 else dict.fromkeys(SHADOW_FILES, "")
+        for n, text in files.items():
+            self._write(n, text)
+        try:
+            self._test_conf()
+            os.kill(self.pid, signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while not (self.workers() - old_workers):  # the new workers read the new files
+                if time.monotonic() > deadline or not self.alive():
+                    raise ProxyFailed(f"nginx for {self.base_url} did not start workers for the canary "
+                                      f"split:\n{self.error_tail()}")
+                time.sleep(0.1)
+        except (ProxyFailed, OSError) as err:
+            for n, text in before.items():
+                self._write(n, text)
+            if self.alive():
+                os.kill(self.pid, signal.SIGHUP)
+            raise ProxyFailed(str(err)) from None
+
+    def access_log(self) -> Path:
+        return self.prefix / "logs" / "access.log"
 
     def stop(self) -> None:
         if not self.pid:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from prefect import task
@@ -33,6 +34,8 @@ from quantflow.serving.proxy import (INSTALL_HINT, NginxProxy, ProxyFailed, inte
                                      stop_proxy)
 from quantflow.serving.registry import SERVER_TAG_ENV, DeploymentRegistry, state_dir
 from quantflow.serving.fidelity import FidelityFailed, compare_fidelity, served_slice
+from quantflow.serving.canary import AccessLog, CanaryFailed, hold_step
+from quantflow.serving.shadow import ShadowComparer
 from quantflow.serving.schemes import checkpoint_config, scheme_of_checkpoint
 from quantflow.serving.temporary import serving_device
 from quantflow.storage.store import ArtifactStore
@@ -40,6 +43,17 @@ from quantflow.tasks.policy import TASK_DEFAULTS
 
 log = logging.getLogger("quantflow.deploy")
 STAGE = "deploy"
+CANARY_STATE = "CanaryRolledBack"  # the flow's state when a canary step failed
+
+
+class CanaryRolledBack(StageError):
+    """A canary step failed: all traffic is back on the live server, the canary is stopped.
+    `analysis` is what deployment.json and the run's artifact record."""
+
+    def __init__(self, cause: str, analysis: dict):
+        super().__init__(STAGE, cause, "the analysis (each step's requests, errors, p99 latency and "
+                         "mirrored agreement) is in deployment.json and the run's canary artifact")
+        self.analysis = analysis
 
 
 def api_key(cfg: DeployConfig) -> str | None:
@@ -187,6 +201,26 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
             server.stop()
             raise
         replaced_proxy = None
+        rollout: dict = {"strategy": "blue-green"}
+        if deploy.rollout.strategy == "canary":
+            why = ("nginx is not installed, so nothing can split the traffic" if not proxied else
+                   "first release: no live model to compare a canary with" if active is None else
+                   "the live server is not behind this deployment's nginx" if proxy is None else None)
+            if why:
+                log.warning("deploy: deploy.rollout.strategy is canary, but %s; releasing blue-green", why)
+                rollout = {"strategy": "blue-green", "requested": "canary", "reason": why}
+            else:
+                try:
+                    rollout = run_canary(deploy, name, proxy, active, server, spec, report, served_name)
+                except CanaryFailed as err:
+                    analysis = rolled_back(deploy, name, proxy, active, server, quantized, err, store)
+                    raise CanaryRolledBack(f"canary of {quantized.label} rolled back at "
+                                           f"{err.steps[-1]['percent']}%: {err.reason}; revision "
+                                           f"{active.get('revision')} ({active.get('label')}) keeps serving",
+                                           analysis) from None
+                except BaseException:
+                    stop_canary(proxy, active, server, deploy)
+                    raise
         if proxied:
             try:
                 proxy, replaced_proxy = route(deploy, name, proxy, active, port, tag)
@@ -208,7 +242,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                   "monitor": monitor.model_dump(mode="json") if monitor else None,
                   "auth": bool(api_key(deploy)), "api_key_env": deploy.api_key_env,
                   "golden": list(golden or []), "performance": expectation(report),
-                  "release": release, **(note or {})}
+                  "release": release, "rollout": rollout, **(note or {})}
         if proxy is not None:
             # Clients (and monitoring) use the stable address; the server's own is upstream_url.
             record.update(base_url=proxy.base_url, upstream_url=spec.base_url, proxy=proxy.record())
@@ -221,6 +255,86 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
     store.write_json("deployment.json", record)
     log.info("deploy: %s live at %s", served_name, record["base_url"])
     return record
+
+
+def live_port(active: dict) -> int:
+    return int(active.get("upstream_url", active["base_url"]).rsplit(":", 1)[1])
+
+
+def run_canary(deploy: DeployConfig, name: str, proxy: NginxProxy, active: dict, server: VllmServer,
+               spec: ServerSpec, report: dict, served_name: str) -> dict:
+    """Every step below 100 set on nginx, held and judged; returns the rollout's record.
+    Raises CanaryFailed with the steps so far when one fails."""
+    cfg = deploy.rollout
+    live = live_port(active)
+    pre = (expectation(report) or {}).get("p99_e2el_s")
+    comparer = None
+    if cfg.mirror.share > 0:
+        comparer = ShadowComparer(active.get("upstream_url", active["base_url"]), spec.base_url, served_name,
+                                  api_key(deploy), deploy.request_timeout_s, cfg.mirror.max_per_step).start()
+    steps: list[dict] = []
+    started = time.monotonic()
+    try:
+        for percent in cfg.steps[:-1]:
+            log.info("deploy: canary %s at %d%% of %s (live: revision %s on 127.0.0.1:%s)%s", spec.base_url,
+                     percent, proxy.base_url, active.get("revision"), live,
+                     f", mirroring {cfg.mirror.share:.0%} of requests to both" if comparer else "")
+            access = AccessLog(proxy.access_log(), {"live": live, "canary": spec.port})
+            try:
+                proxy.split(live, spec.port, percent, (comparer.port, cfg.mirror.share) if comparer else None)
+            except ProxyFailed as err:
+                raise CanaryFailed(f"nginx could not split the traffic: {err}",
+                                   [{"percent": percent, "passed": False, "reason": str(err)}]) from None
+            if comparer is not None:
+                comparer.next_step()
+            try:
+                step = hold_step(cfg, percent, access, comparer, server.alive, pre)
+            except CanaryFailed as err:
+                raise CanaryFailed(err.reason, steps + err.steps) from None
+            steps.append(step)
+            log.info("deploy: canary step %d%% passed after %.0fs: canary %s, live %s%s", percent, step["held_s"],
+                     _side_line(step["canary"]), _side_line(step["live"]), _shadow_line(step["mirrored"]))
+    finally:
+        if comparer is not None:
+            comparer.close()
+    return {"strategy": "canary", "steps": steps, "promoted": True,
+            "analysis_s": round(time.monotonic() - started, 1)}
+
+
+def _side_line(side: dict) -> str:
+    p99 = f", p99 {side['p99_s']}s" if side["p99_s"] is not None else ""
+    return f"{side['answered']} answered, {side['errors']} failed{p99}"
+
+
+def _shadow_line(mirrored: dict | None) -> str:
+    if not mirrored:
+        return ""
+    return (f"; mirrored: {mirrored['agreed']} of {mirrored['compared']} agree "
+            f"({mirrored['dropped']} dropped)")
+
+
+def stop_canary(proxy: NginxProxy, active: dict, server: VllmServer, deploy: DeployConfig) -> None:
+    """All traffic back on the live server, then the canary stopped."""
+    try:
+        proxy.switch(live_port(active), drain_timeout_s=deploy.request_timeout_s + 10)
+    finally:
+        server.stop()
+
+
+def rolled_back(deploy: DeployConfig, name: str, proxy: NginxProxy, active: dict, server: VllmServer,
+                quantized: QuantizedManifest, err: CanaryFailed, store: ArtifactStore) -> dict:
+    log.error("deploy: canary step %s%% failed: %s; sending all traffic back to revision %s",
+              err.steps[-1]["percent"], err.reason, active.get("revision"))
+    started = time.monotonic()
+    stop_canary(proxy, active, server, deploy)
+    analysis = {"outcome": CANARY_STATE, "name": name, "label": quantized.label,
+                "checkpoint_sha256": quantized.checkpoint_sha256, "reason": err.reason, "steps": err.steps,
+                "rollback_s": round(time.monotonic() - started, 1), "at": now(),
+                "live": {k: active.get(k) for k in ("revision", "label", "base_url", "upstream_url")}}
+    store.write_json("deployment.json", analysis)
+    log.info("deploy: %s is served by revision %s only again (%.1fs); the canary is stopped", proxy.base_url,
+             active.get("revision"), analysis["rollback_s"])
+    return analysis
 
 
 def check_served_fidelity(report: dict, base_url: str, served_name: str, cfg: DeployConfig) -> dict | None:

@@ -77,8 +77,10 @@ def rollback_deployment(name: str, to_revision: int | None = None, reason: str =
     note = {"rollback": {"to_revision": target["revision"], "from_revision": came_from,
                          "reason": reason, "at": now()}}
     try:
+        # Back at once: a rollback does not canary the model it returns to.
+        deploy = DeployConfig.model_validate({**release["deploy"], "rollout": {"strategy": "blue-green"}})
         record = deploy_model(
-            DeployConfig.model_validate(release["deploy"]), QuantizedManifest.model_validate(release["quantized"]),
+            deploy, QuantizedManifest.model_validate(release["quantized"]),
             ValidationManifest.model_validate(release["validation"]) if release["validation"] else None,
             target["output_uri"], name,
             monitor=MonitorConfig.model_validate(target["monitor"]) if target.get("monitor") else None,
