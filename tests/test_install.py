@@ -95,6 +95,18 @@ def test_no_local_folder_uses_pytorch_cpu_backend(tmp_path):
         assert _has(shlex.split(line), *BACKEND), line
 
 
+def test_installs_compile_bytecode():
+    """Every install writes .pyc files: with PYTHONDONTWRITEBYTECODE=1 (set on this machine
+    kind) a fresh process would otherwise compile torch, transformers and vLLM from source."""
+    lines = _setup_install_lines(env=_env())
+    assert all("--compile-bytecode" in shlex.split(line) for line in lines), lines
+    if (REPO / ".venv" / ".installed").exists():
+        import transformers
+
+        cached = Path(transformers.__file__).parent / "__pycache__"
+        assert any(cached.glob("__init__.cpython-*.pyc")), f"no .pyc in {cached}: reinstall with `make setup`"
+
+
 @pytest.mark.parametrize("content", ["empty", "other torch", "other wheels"])
 def test_local_folder_without_the_pinned_torch_uses_pytorch_cpu_backend(tmp_path, content):
     folder = tmp_path / "wheels"
