@@ -10,6 +10,8 @@
     quantflow rollback NAME [--to REVISION]
                             bring back an earlier revision at the same address
     quantflow doctor        which quantization schemes this host's vLLM serves, and why not
+    quantflow fields [PREFIX]
+                            every configuration field: type, default, what it does
     quantflow search --config FILE [--mode ladder|sweep] [--no-deploy]
                             try candidate schemes; deploy the smallest that passes
 
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import httpx
 
+from quantflow.config import PipelineConfig
+from quantflow.config.search import SearchConfig
 from quantflow.errors import ConfigError, InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_GATE = 0, 1, 2
@@ -408,6 +412,38 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_GATE if final["state_name"] in (GATE_STATE, REJECTED_STATE, CANARY_STATE) else EXIT_FAILED
 
 
+# Flags that set one config field each: (flag, field path, argparse options). Their help is
+# the field's own description, the text the Prefect run form shows.
+RUN_FLAGS = (("--model", "model.id", {}), ("--method", "quant.method", {}), ("--bits", "quant.bits", {"type": int}),
+             ("--group-size", "quant.group_size", {"type": int}), ("--name", "name", {}),
+             ("--output-dir", "output_dir", {}), ("--limit", "validation.lm_eval.limit", {"type": float}))
+SEARCH_FLAGS = (("--model", "model.id", {}),
+                ("--mode", "search.mode", {"choices": ["ladder", "sweep"]}),
+                ("--objective", "search.objective", {"choices": ["smallest", "fastest"]}),
+                ("--concurrency", "search.concurrency", {"type": int}), ("--name", "name", {}),
+                ("--output-dir", "output_dir", {}), ("--limit", "validation.lm_eval.limit", {"type": float}))
+FIELDS_EPILOG = "Every other setting goes in the --config YAML: `quantflow fields` lists them with their meaning."
+
+
+def _config_flags(parser: argparse.ArgumentParser, model, flags=RUN_FLAGS) -> None:
+    from quantflow.config.reference import description
+
+    for flag, path, options in flags:
+        parser.add_argument(flag, metavar=path.rsplit(".", 1)[-1].upper(),
+                            help=f"{path}: {description(model, path)}".replace("%", "%%"), **options)
+
+
+def cmd_fields(args: argparse.Namespace) -> int:
+    from quantflow.config.reference import field_rows, render_markdown, render_text, select
+
+    model = SearchConfig if args.search else PipelineConfig
+    if args.markdown:
+        print(render_markdown(model), end="")
+        return EXIT_OK
+    print(render_text(select(field_rows(model), args.prefix, model.__name__)), end="")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantflow", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -415,32 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, helptext in (("run", cmd_run, "run the pipeline in this process"),
                                ("demo", cmd_demo, "build the demo model and run configs/demo.yaml"),
                                ("submit", cmd_submit, "start a run of a deployment via the Prefect API")):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, epilog=FIELDS_EPILOG)
         p.add_argument("--config", help="pipeline YAML (flags below override it)")
-        p.add_argument("--model", help="hub id or local checkpoint folder")
-        p.add_argument("--method", help="gptq, awq, rtn, fp8, w8a8, w8a16, nvfp4, mxfp4, recipe, prequantized")
-        p.add_argument("--bits", type=int)
-        p.add_argument("--group-size", type=int)
-        p.add_argument("--name", help="run name (output folder, served model name)")
-        p.add_argument("--output-dir", help="local folder or s3://bucket/prefix")
+        _config_flags(p, PipelineConfig)
         p.add_argument("--no-deploy", action="store_true", help="stop after validation")
-        p.add_argument("--limit", type=float, help="lm-eval: examples per task (or fraction < 1) for quick runs")
         if name == "submit":
             p.add_argument("--deployment", default="quantize-pipeline/quantize-pipeline")
             p.add_argument("--idempotency-key", help="same key twice = the same run, created once")
             p.add_argument("--wait", action="store_true", help="wait for the run and exit with its outcome")
             p.add_argument("--timeout", type=float, default=48 * 3600, help="seconds --wait waits")
         p.set_defaults(fn=fn)
-    p = sub.add_parser("search", help="try candidate schemes against the gate; deploy the one chosen")
+    p = sub.add_parser("search", help="try candidate schemes against the gate; deploy the one chosen",
+                       epilog=FIELDS_EPILOG)
     p.add_argument("--config", required=True, help="pipeline YAML with a search: section (configs/demo-search.yaml)")
-    p.add_argument("--model", help="hub id or local checkpoint folder")
-    p.add_argument("--mode", choices=["ladder", "sweep"], help="ladder: first that passes; sweep: all, Pareto front")
-    p.add_argument("--objective", choices=["smallest", "fastest"])
-    p.add_argument("--concurrency", type=int, help="candidates quantized + validated at once")
-    p.add_argument("--name", help="run name (output folder, served model name)")
-    p.add_argument("--output-dir", help="local folder or s3://bucket/prefix")
+    _config_flags(p, SearchConfig, SEARCH_FLAGS)
     p.add_argument("--no-deploy", action="store_true", help="choose, but do not deploy")
-    p.add_argument("--limit", type=float, help="lm-eval: examples per task (or fraction < 1) for quick runs")
     p.set_defaults(fn=cmd_search)
     p = sub.add_parser("stop", help="stop one deployment by name, or (no name) every server quantflow started")
     p.add_argument("name", nargs="?", help="the deployment to stop (`quantflow deployments` lists them); "
@@ -468,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe with this model's architecture (its config.json: MoE, attention type) "
                         "instead of a dense Llama; serving support differs by architecture")
     p.set_defaults(fn=cmd_doctor)
+    p = sub.add_parser("fields", help="every configuration field: type, default and what it does")
+    p.add_argument("prefix", nargs="?", default="", help='a section or field, e.g. "validation.perplexity"')
+    p.add_argument("--search", action="store_true", help="SearchConfig's fields (with the search: section)")
+    p.add_argument("--markdown", action="store_true", help="the reference as markdown (docs/configuration.md)")
+    p.set_defaults(fn=cmd_fields)
     p = sub.add_parser("monitor", help="one monitoring round against a deployment")
     p.add_argument("--deployment", default="demo")
     p.add_argument("--load", type=int, default=0, help="also send N concurrent completions")

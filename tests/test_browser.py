@@ -209,6 +209,10 @@ def test_custom_run_form_runs_the_pipeline_with_the_forms_values(page, ui, shots
     assert (out / "validation_report.json").exists() and not (out / "deployment.json").exists()
 
     check_run_page(page, "demo", shots)
+    # The pictures a person checks: the form, the completed run and the artifact, as PNGs.
+    for picture in ("custom-run-form", "completed-run", "checks-table"):
+        data = (shots / f"{picture}.png").read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000, (picture, len(data))
     assert {"checkpoint", "validate"} <= {text.split(":")[0] for text in seen}, seen
     assert_progress_moved(seen)
     check_progress_records(api, run_id, {"checkpoint", "quantize", "validate"}, moving="validate")
@@ -222,7 +226,7 @@ def test_search_form_runs_the_search_and_its_candidate_table_shows_in_the_run(pa
     config = open_custom_run(page, ui, "quantize-search")
     set_text(prop(config, "Output Dir"), str(out))
     validation = prop(config, "Validation")
-    set_text(prop(prop(validation, "Consistency"), "Max Kl"), "1")
+    set_text(prop(prop(validation, "Consistency"), "Max mean next-token KL (nats)"), "1")
     switch_off(prop(prop(validation, "Lm Eval"), "Enabled"))
     switch_off(prop(prop(config, "Deploy"), "Enabled"))
     run_id = submit(page, f"ui-search-{uuid.uuid4().hex[:6]}")

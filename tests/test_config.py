@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
+from conftest import REPO
 from quantflow.config import QuantConfig, load_config
 from quantflow.errors import ConfigError
 from quantflow.quantization.recipes import recipe_dict, streaming_scheme
@@ -146,3 +148,58 @@ def test_every_config_field_has_a_description_in_the_ui_form():
         assert form["definitions"] and not _undescribed(form), _undescribed(form)
     threshold = PipelineConfig.model_json_schema()["$defs"]["PerplexityCheck"]["properties"]["max_increase_pct"]
     assert "percent" in threshold["description"], threshold
+
+
+# A field named for a unit or a ratio reads as a bare name in the form unless its title says
+# what the number is: each such field carries a title naming the unit, and examples.
+UNIT_FIELD = re.compile(r"(_pct|_s|_ms|_gib|_frac|_ratio|_rate|share|tolerance|recovery|_kl|_score|agreement"
+                        r"|strength|utilization|_drop|max_model_len|window)$")
+UNIT_IN_TITLE = {"_pct": "(%)", "_s": "(s)", "_ms": "(ms)", "_gib": "(GiB)"}
+
+
+def test_fields_named_for_a_unit_or_ratio_have_a_title_and_examples():
+    from quantflow.config.reference import field_rows
+    from quantflow.config.search import SearchConfig
+
+    rows = [r for r in field_rows(SearchConfig) if UNIT_FIELD.search(r.path.rsplit(".", 1)[-1])]
+    assert len(rows) >= 30, [r.path for r in rows]
+    untitled = [r.path for r in rows if not r.title or not r.examples]
+    assert untitled == [], untitled
+    for row in rows:
+        unit = next((u for suffix, u in UNIT_IN_TITLE.items() if row.path.endswith(suffix)), None)
+        assert unit is None or unit in row.title, (row.path, row.title)
+    # The Prefect form shows these titles as the field labels (tests/test_browser.py finds
+    # max_kl by its title), and the JSON schema carries the examples.
+    schema = SearchConfig.model_json_schema()["$defs"]["ConsistencyCheck"]["properties"]["max_kl"]
+    assert schema["title"] == "Max mean next-token KL (nats)" and schema["examples"] == [0.1, 0.05]
+
+
+def test_configuration_reference_doc_is_generated_from_the_fields():
+    """docs/configuration.md is `quantflow fields --markdown --search`: a field added, renamed
+    or re-described without regenerating it fails here."""
+    from quantflow.config.reference import render_markdown
+    from quantflow.config.search import SearchConfig
+
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    assert doc == render_markdown(SearchConfig), \
+        "docs/configuration.md is stale: run `.venv/bin/quantflow fields --markdown --search > docs/configuration.md`"
+    assert "| `validation.perplexity.max_increase_pct` | float | `10.0` | **Max perplexity increase (%)**." in doc
+
+
+def test_run_flags_and_fields_command_show_the_fields_own_text(capsys):
+    from quantflow import cli
+    from quantflow.config import PipelineConfig
+    from quantflow.config.reference import description
+
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for path in ("quant.bits", "quant.group_size", "validation.lm_eval.limit"):
+        assert f"{path}: {description(PipelineConfig, path)}" in help_text, path
+    assert cli.main(["fields", "deploy.rollout.mirror"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("deploy.rollout.mirror: MirrorConfig") and "deploy.rollout.mirror.share: float = 0.25" in out
+    assert "Fraction of the requests (0-1) nginx copies" in out and "e.g. 0.1, 0.25" in out
+    assert cli.main(["fields", "deploy.rollout.mirror.shares"]) == 1
+    err = capsys.readouterr().err
+    assert "PipelineConfig has no field 'deploy.rollout.mirror.shares'" in err and "deploy.rollout.mirror.share" in err

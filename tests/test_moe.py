@@ -226,13 +226,17 @@ def test_every_scheme_deploys_or_is_refused_at_flow_start(family, scheme, moe_fi
         stop_deployment(cfg.name)
 
 
-def test_tokens_routed_to_each_expert_are_counted_once_per_calibration_token(moe_fixture, tmp_path):
+def test_tokens_routed_to_each_expert_are_counted_once_per_calibration_token(moe_fixture, tmp_path, caplog):
     """The router hooks count llm-compressor's calibration pass only (its sequential
     pipeline runs each layer twice): every layer routes exactly samples x seq_len x top-k
-    tokens, and experts under the threshold are named in the warning."""
+    tokens, and experts under the threshold are named in the warning. The stage's progress
+    finds Qwen3-MoE's decoder layers and names each as the pass reaches it."""
+    import logging
+
     from transformers import AutoTokenizer
 
     from quantflow.config import QuantConfig
+    from quantflow.progress import stage_progress
     from quantflow.quantization.expert_coverage import summarize, warn_if_starved
     from quantflow.quantization.runner import quantize
 
@@ -240,7 +244,11 @@ def test_tokens_routed_to_each_expert_are_counted_once_per_calibration_token(moe
     tok = AutoTokenizer.from_pretrained(model)
     ids = torch.tensor(tok(split_corpus()["calibration"])["input_ids"][:16 * 64]).view(16, 64)
     routed: dict = {}
-    quantize(model, QuantConfig.model_validate(SCHEMES["gptq"]), ids, tmp_path / "q", "cpu", coverage=routed)
+    with caplog.at_level(logging.INFO, logger="quantflow.progress"), stage_progress("quantize", ["decoder layers"]):
+        quantize(model, QuantConfig.model_validate(SCHEMES["gptq"]), ids, tmp_path / "q", "cpu", coverage=routed)
+    assert [r.getMessage() for r in caplog.records if r.name == "quantflow.progress"] == [
+        "quantize   0.0% started", "quantize  50.0% calibrating decoder layer 2 of 2",
+        "quantize 100.0% 2 decoder layers calibrated"]
     from quantflow.quantization.architecture import expert_count
 
     config = json.loads((model / "config.json").read_text())

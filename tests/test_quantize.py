@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,52 @@ def test_prequantized_checkpoint_is_taken_as_is(stage_inputs, tmp_path):
     with pytest.raises(StageError, match="is not a quantized checkpoint"):
         quantize_model(QuantConfig(method="prequantized", checkpoint=ckpt.local_path), ckpt, None,
                        str(tmp_path / "bad"))
+
+
+def progress_records(caplog) -> list[tuple[float, str]]:
+    return [(r.quantflow_pct, r.getMessage()) for r in caplog.records
+            if r.name == "quantflow.progress" and hasattr(r, "quantflow_pct")]
+
+
+@pytest.mark.slow
+def test_quantize_reports_decoder_layer_k_of_n(stage_inputs, tmp_path, caplog):
+    """GPTQ calibrates layer by layer: the stage's progress names each decoder layer as
+    oneshot's sequential pass reaches it, rises, and ends at 100% (the UI's progress artifact
+    and the CLI's line carry these records)."""
+    ckpt, cal = stage_inputs
+    with caplog.at_level(logging.INFO, logger="quantflow.progress"):
+        quantize_model(QuantConfig(method="gptq"), ckpt, cal, str(tmp_path))
+    records = progress_records(caplog)
+    pcts = [p for p, _ in records]
+    assert pcts[0] == 0.0 and pcts[-1] == 100.0 and pcts == sorted(pcts) and len(set(pcts)) == len(pcts), records
+    # Four decoder layers in the first of two phases: 12.5% each (layer 1's start is 0%).
+    layers = [m for _, m in records if "calibrating decoder layer" in m]
+    assert [m.split("% ", 1)[1] for m in layers] == [
+        f"calibrating decoder layer {k} of 4" for k in (2, 3, 4)], records
+    assert (50.0, "quantize  50.0% 4 decoder layers calibrated") in records, records
+
+
+def test_cli_progress_line_rewrites_one_line_per_stage():
+    import io
+
+    from quantflow.cli import ProgressLine
+    from quantflow.progress import stage_progress
+
+    stream = io.StringIO()
+    logger = logging.getLogger("quantflow.progress")
+    handler = ProgressLine(stream)
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        with stage_progress("validate", ["perplexity"]) as tracker:
+            for i in range(1, 5):
+                tracker.update("perplexity", i, 4)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    text = stream.getvalue()
+    # Each update rewrites the line in place ("\r" + erase); only 100% ends it.
+    assert text.count("\n") == 1 and text.endswith("validate 100.0% perplexity 4 of 4\n"), repr(text)
+    assert text.split("\r\x1b[K")[1:] == ["validate   0.0% started", "validate  25.0% perplexity 1 of 4",
+                                          "validate  50.0% perplexity 2 of 4", "validate  75.0% perplexity 3 of 4",
+                                          "validate 100.0% perplexity 4 of 4\n"]

@@ -46,17 +46,20 @@ class CalibrationConfig(StrictModel):
         dataset="allenai/c4", data_files="en/c4-train.00000-of-01024.json.gz")
     """Where the calibration text comes from: a hub data set or local files (plain text, or
     conversations with format chat)."""
-    num_samples: int = Field(default=256, ge=1, le=100_000)
+    num_samples: int = Field(default=256, ge=1, le=100_000, title="Calibration samples", examples=[256, 512])
     """Calibration samples (sequences) drawn; GPTQ, AWQ and SmoothQuant see num_samples x seq_len
     tokens."""
-    seq_len: int = Field(default=2048, ge=8, le=131_072)
+    seq_len: int = Field(default=2048, ge=8, le=131_072,
+                         title="Tokens per calibration sample", examples=[512, 2048])
     """Tokens per calibration sample."""
     seed: int = 42
     """Seed of the document order and sampling, so the same config draws the same tokens (and hits
     the cache)."""
-    min_unique_token_ratio: float = Field(default=0.02, gt=0, le=1)
+    min_unique_token_ratio: float = Field(default=0.02, gt=0, le=1,
+                                          title="Min distinct-token ratio (0-1)", examples=[0.02])
     """Warn when fewer than this fraction of the drawn tokens are distinct: repeated boilerplate
     calibrates the quantizer to one kind of text."""
-    min_tokens_per_expert: int = Field(default=16, ge=0)
+    min_tokens_per_expert: int = Field(default=16, ge=0,
+                                       title="Min calibration tokens per expert", examples=[16])
     """Mixture-of-experts: warn, naming them, about experts the router sends fewer calibration
     tokens than this (counted while quantizing; every expert is still calibrated on all)."""

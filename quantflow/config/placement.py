@@ -14,9 +14,11 @@ class PlacementConfig(StrictModel):
     '''Work pool per stage, e.g. {"quantize": "gpu-h100", "validate": "gpu-a100"}: the stage runs
     as a run of the quantflow-stage/<pool> deployment (`make up` registers them). Stages not
     named, and deploy/monitor, run in the orchestrating flow's process.'''
-    stage_timeout_s: float = Field(default=6 * 3600, gt=0)
+    stage_timeout_s: float = Field(default=6 * 3600, gt=0,
+                                   title="Dispatched stage timeout (s)", examples=[21600, 86400])
     """Seconds to wait for a dispatched stage run; then it is cancelled and the pipeline fails."""
-    retry_delays_s: list[float] = Field(default=[5.0, 30.0], max_length=10)
+    retry_delays_s: list[float] = Field(default=[5.0, 30.0], max_length=10,
+                                        title="Retry delays (s)", examples=[[5.0, 30.0]])
     """Seconds before each retry of an in-process stage that failed with a transient fault
     (network, hub, storage 5xx/429): one entry per retry, [] for none. Configuration and
     integrity errors are never retried. Dispatched stages use the defaults."""

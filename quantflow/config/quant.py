@@ -41,7 +41,8 @@ class QuantConfig(StrictModel):
     bits: Literal[2, 3, 4, 8] = 4
     """Weight bits for gptq, rtn (2, 3, 4, 8) and awq (3, 4); AutoAWQ's w_bit. Other methods fix
     their own."""
-    group_size: Literal[-1, 32, 64, 128] = 128
+    group_size: Literal[-1, 32, 64, 128] = Field(
+        default=128, title="Group size (weights per scale; -1 = per channel)", examples=[128, 64, -1])
     """Weights sharing one scale along the input dimension (32, 64, 128), or -1 for one scale per
     output channel; AutoAWQ's q_group_size. Must divide every quantized layer's input width."""
     sym: bool | None = None
@@ -51,7 +52,8 @@ class QuantConfig(StrictModel):
     '''GPTQ column order. "static": by decreasing activation, groups kept contiguous (no runtime
     cost; llm-compressor's default); "group": AutoGPTQ's desc_act=True (per-column group index
     at runtime); None: natural order (desc_act=False).'''
-    dampening_frac: float = Field(default=0.01, gt=0, lt=1)
+    dampening_frac: float = Field(default=0.01, gt=0, lt=1,
+                                  title="GPTQ dampening (fraction of the Hessian diagonal)", examples=[0.01, 0.1])
     """GPTQ dampening, a fraction of the Hessian diagonal's mean (AutoGPTQ's damp_percent, same
     unit)."""
     true_sequential: bool = True
@@ -62,10 +64,12 @@ class QuantConfig(StrictModel):
     """Method fp8: dynamic (per-channel weights, per-token activation scales computed at run time,
     data-free), static (activation scales from calibration data) or block (128 x 128 weight
     blocks)."""
-    smoothing_strength: float = Field(default=0.8, gt=0, lt=1)
+    smoothing_strength: float = Field(default=0.8, gt=0, lt=1,
+                                      title="SmoothQuant alpha (0-1)", examples=[0.5, 0.8])
     """Method w8a8: SmoothQuant's alpha, how much activation outlier range moves into the weights
     (0-1)."""
-    ignore: list[str] = ["lm_head"]
+    ignore: list[str] = Field(default=["lm_head"],
+                              title="Modules kept in full precision", examples=[["lm_head", "re:.*mlp\\.gate$"]])
     '''Modules kept in full precision: names or "re:" regexes, e.g. "re:.*layers\\.0\\..*". MoE
     router gates are added per architecture.'''
     recipe: str | None = None

