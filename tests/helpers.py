@@ -88,3 +88,18 @@ def release_copy(v, tmp_path):
     quantized = v["quantized"].model_copy(update={"uri": str(out / "quantized_model")})
     verdict = v["validation"].model_copy(update={"report_uri": str(out / "validation_report.json")})
     return out, quantized, verdict
+
+
+def destroy(model_dir: Path, out: Path) -> Path:
+    """The demo model with noise as large as its weights added to every linear layer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    tensors = load_file(out / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if name.endswith("proj.weight"):
+            tensors[name] = t + torch.randn(t.shape, generator=gen) * t.std()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out

@@ -156,11 +156,11 @@ def test_a_model_answering_differently_on_mirrored_requests_is_rolled_back(canar
     failed = [r for r in results if not r["ok"]]
     step = analysis["steps"][-1]
     print(f"\ncanary rolled back: {len(results)} requests, {len(failed)} failed; {analysis['reason']}; "
-          f"held {step['held_s']}s, canary answered {step['canary']['answered']}, mirrored {step['mirrored']}; "
-          f"rollback {analysis['rollback_s']}s")
+          f"held {step['held_s']}s, canary answered {step['canary']['answered']}, live {step['live']['answered']}, "
+          f"mirrored {step['mirrored']}; rollback {analysis['rollback_s']}s")
     assert failed == [], [r.get("error") for r in failed[:5]]
     assert "agreed with the live model" in analysis["reason"] and step["mirrored"]["agreement"] < 0.9
-    assert state.message.startswith(f"[deploy] canary of {cfg.quant.label} rolled back at 30%")
+    assert state.message.startswith(f"canary of {cfg.quant.label} rolled back at 30%: canary's first token agreed")
     summary = json.loads((out / "pipeline_summary.json").read_text())
     assert summary["outcome"] == "canary_rolled_back" and summary["canary"] == analysis
     artifact = httpx.post(f"{prefect_server}/artifacts/filter", timeout=10,
@@ -201,8 +201,9 @@ def test_a_canary_killed_mid_step_is_rolled_back(canary_env):
     failed = [r for r in results if not r["ok"]]
     step = err.analysis["steps"][-1]
     print(f"\ncanary killed: {len(results)} requests, {len(failed)} failed; {err.analysis['reason']}; "
-          f"canary answered {step['canary']['answered']} before, {step['canary']['errors']} of its attempts "
-          f"failed and were resent to the live server; rollback {err.analysis['rollback_s']}s")
+          f"held {step.get('held_s')}s, canary answered {step['canary']['answered']} before, live "
+          f"{step['live']['answered']}, {step['canary']['errors']} of the canary's attempts failed and were "
+          f"resent to the live server; rollback {err.analysis['rollback_s']}s")
     assert failed == [], [r.get("error") for r in failed[:5]]
     assert step["canary"]["answered"] > 0
     assert_rolled_back(err.analysis, live, results, end, env["out"])
@@ -216,7 +217,8 @@ def assert_rolled_back(analysis: dict, live: dict, results: list[dict], end: flo
     assert all(r["upstream"] == live_up for r in results if r["start"] > end)
     # The live server answered before, during and after the canary step.
     assert sum(r["upstream"] == live_up for r in results) > len(results) // 2
-    assert DeploymentRegistry().active(NAME)["pid"] == live["pid"] and group_members(live["pid"])
+    doc = DeploymentRegistry().read(NAME)
+    assert doc["active"]["pid"] == live["pid"] and group_members(live["pid"]) and doc.get("starting") == []
     assert vllm_serving(live["served_model_name"]) == [live["pid"]]
     upstream = (Path(live["proxy"]["prefix"]) / "upstream.conf").read_text()
     assert "weight=" not in upstream and live_up in upstream

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SERVE_PYTHON, free_port, needs_serving
+from helpers import destroy
 from prometheus_server import (PrometheusServer, alert_rules, dashboard_exprs, documented_metrics,
                                needs_prometheus, scrape_config, selectors, target_of)
 from quantflow.config import DeployConfig, MonitorConfig
@@ -202,23 +203,6 @@ def test_prometheus_scrapes_every_metric_the_rules_and_dashboard_use(prefect_ser
         # Probes all answered (score 1.0): the quality alert is not even pending.
         assert {r["name"]: r["state"] for r in rules}["QuantizedModelQualityLow"] == "inactive"
     assert prom.proc.returncode is not None  # stopped, not left running
-
-
-def destroy(model_dir, out):
-    """The demo model with noise as large as its weights added to every linear layer."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(model_dir, out)
-    tensors = load_file(out / "model.safetensors")
-    gen = torch.Generator().manual_seed(0)
-    for name, t in tensors.items():
-        if name.endswith("proj.weight"):
-            tensors[name] = t + torch.randn(t.shape, generator=gen) * t.std()
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
 
 
 def test_probe_flags_a_destroyed_model(prefect_server, validated_served, demo_model, exporter_url, tmp_path):

@@ -214,6 +214,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                     rollout = run_canary(deploy, name, proxy, active, server, spec, report, served_name)
                 except CanaryFailed as err:
                     analysis = rolled_back(deploy, name, proxy, active, server, quantized, err, store)
+                    registry.reap_starting(name)  # the canary's entry: it is stopped, not live
                     raise CanaryRolledBack(f"canary of {quantized.label} rolled back at "
                                            f"{err.steps[-1]['percent']}%: {err.reason}; revision "
                                            f"{active.get('revision')} ({active.get('label')}) keeps serving",
