@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from quantflow.config import DeployConfig
 from quantflow.processes import group_members
@@ -20,6 +21,12 @@ CPU_SERVING = DeployConfig(dtype="bfloat16", max_model_len=256, cpu_kv_cache_gib
 def stop_deployment(name: str) -> None:
     """What `quantflow stop NAME` does, quietly for a name with nothing live."""
     DeploymentRegistry().stop(name)
+
+
+def scrape(url: str) -> dict[str, list]:
+    """A Prometheus endpoint's samples by metric family."""
+    text = httpx.get(url, timeout=10).text
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
 def server_processes(pid: int) -> list[int]:

@@ -12,8 +12,8 @@ import sys
 import httpx
 import pytest
 
-from conftest import free_port_pair, needs_serving
-from helpers import complete, server_processes, stop_deployment
+from conftest import free_port, free_port_pair, needs_serving
+from helpers import complete, scrape, server_processes, stop_deployment
 from quantflow.errors import InputError, StageError
 from quantflow.serving.registry import DeploymentRegistry
 
@@ -118,6 +118,7 @@ def test_the_default_target_skips_the_live_checkpoint_and_what_was_rolled_back_f
 @needs_serving
 @pytest.mark.serving
 def test_stop_by_name_leaves_the_other_deployment_answering(live_deployment, validated_served, tmp_path):
+    from quantflow.monitoring.exporter_process import ensure_exporter, stop_exporter
     from quantflow.tasks.deploy import deploy_model
 
     v = validated_served
@@ -125,7 +126,10 @@ def test_stop_by_name_leaves_the_other_deployment_answering(live_deployment, val
     second = deploy_model(cfg.deploy.model_copy(update={"port": free_port_pair()}), v["quantized"],
                           v["validation"], str(tmp_path), "second", monitor=cfg.monitor,
                           golden=v["checkpoint"].golden)
+    exporter_port = free_port()
     try:
+        metrics = ensure_exporter("127.0.0.1", exporter_port)
+        assert {"live", "second"} <= exported_models(metrics)
         listed = cli("deployments", "--json")
         assert listed.returncode == 0, listed.stderr
         rows = {r["name"]: r for r in json.loads(listed.stdout)}
@@ -144,12 +148,20 @@ def test_stop_by_name_leaves_the_other_deployment_answering(live_deployment, val
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{second['base_url']}/health", timeout=5)
         assert "second" not in {r["name"] for r in json.loads(cli("deployments", "--json").stdout)}
+        # The running exporter's next scrape no longer has its series, and still has the other's.
+        models = exported_models(metrics)
+        assert "second" not in models and "live" in models, models
         # The other deployment, its server and its address, kept serving.
         live = live_deployment
         assert complete(live["base_url"], live["served_model_name"], "evaluated when the", 4, live["key"])
         assert DeploymentRegistry().active("live")["pid"] == live["pid"]
     finally:
+        stop_exporter(exporter_port)
         stop_deployment("second")
+
+
+def exported_models(url: str) -> set[str]:
+    return {s.labels["model"] for s in scrape(url)["llm_quality_regression_alerts"]}
 
 
 def test_a_revision_whose_checkpoint_is_gone_is_refused_and_the_live_one_left(tmp_path):

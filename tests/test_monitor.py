@@ -8,10 +8,9 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SERVE_PYTHON, free_port, needs_serving
-from helpers import destroy
+from helpers import destroy, scrape
 from prometheus_server import (PrometheusServer, alert_rules, dashboard_exprs, documented_metrics,
                                needs_prometheus, scrape_config, selectors, target_of)
 from quantflow.config import DeployConfig, MonitorConfig
@@ -26,11 +25,6 @@ from quantflow.storage.store import ArtifactStore
 pytestmark = [pytest.mark.slow, pytest.mark.serving, needs_serving]
 SEED_METRICS = ("llm_quantization_quality_score", "llm_inference_latency_seconds",
                 "llm_token_throughput_per_second", "llm_quality_regression_alerts")
-
-
-def scrape(url: str) -> dict[str, list]:
-    text = httpx.get(url, timeout=10).text
-    return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
 def sample(metrics, family, name, **labels) -> float:
