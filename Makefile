@@ -31,14 +31,13 @@ FIND_LINKS := $(or $(PIP_FIND_LINKS),$(wildcard $(LOCAL_WHEELS)))
 TORCH_PIN := $(shell sed -n 's/^torch==//p' requirements/pipeline.txt)
 LOCAL_TORCH := $(firstword $(foreach dir,$(FIND_LINKS),$(wildcard $(dir)/torch-$(TORCH_PIN)-*.whl)))
 TORCH_SOURCE := $(strip $(addprefix --find-links ,$(FIND_LINKS)) $(if $(LOCAL_TORCH),,--torch-backend cpu))
-# --compile-bytecode: Python compiles a module's source on every import when no .pyc exists
-# and writing one is off (PYTHONDONTWRITEBYTECODE=1, set on this machine kind and often in
-# containers). torch, transformers and vLLM then cost every fresh process seconds: measured
-# here, importing the pipeline and transformers took 12.7 s without .pyc and 6.0 s with, and
-# vLLM's API server 14.3 s and 7.1 s (every server start imports it twice: the API process
-# and its engine). Compiling at install takes ~30 s per environment. (Not in UV_INSTALL:
-# tests/test_install.py resolves that command with `uv pip compile`, which has no such flag.)
 UV_INSTALL = $(UV) pip install -q --no-deps $(TORCH_SOURCE)
+# --compile-bytecode: where PYTHONDONTWRITEBYTECODE=1 (this machine kind, many containers)
+# Python writes no .pyc, so every worker run, vLLM server and CLI call would compile torch,
+# transformers and vLLM from source: about twice the import time (docs/benchmarks.md, "Import
+# cost"). Kept out of UV_INSTALL, which tests/test_install.py resolves with `uv pip compile`
+# (no such flag there).
+SETUP_INSTALL = $(UV_INSTALL) --compile-bytecode
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -46,14 +45,14 @@ $(UV):
 
 # Pipeline environment: Prefect, llm-compressor, lm-eval (pinned; CPU torch here).
 $(VENV)/.installed: requirements/pipeline.txt pyproject.toml | $(UV)
-	$(UV_INSTALL) --compile-bytecode --python $(VENV)/bin/python -r requirements/pipeline.txt
-	$(UV_INSTALL) --compile-bytecode --python $(VENV)/bin/python -e .
+	$(SETUP_INSTALL) --python $(VENV)/bin/python -r requirements/pipeline.txt
+	$(SETUP_INSTALL) --python $(VENV)/bin/python -e .
 	touch $@
 
 # Serving environment: vLLM in its own venv (its pins conflict with the pipeline's).
 $(SERVE_VENV)/.installed: requirements/serving.txt | $(UV)
 	$(PYTHON) -m venv $(SERVE_VENV)
-	$(UV_INSTALL) --compile-bytecode --python $(SERVE_VENV)/bin/python -r requirements/serving.txt
+	$(SETUP_INSTALL) --python $(SERVE_VENV)/bin/python -r requirements/serving.txt
 	touch $@
 
 setup: $(VENV)/.installed $(SERVE_VENV)/.installed

@@ -426,11 +426,12 @@ FIELDS_EPILOG = "Every other setting goes in the --config YAML: `quantflow field
 
 
 def _config_flags(parser: argparse.ArgumentParser, model, flags=RUN_FLAGS) -> None:
-    from quantflow.config.reference import description
+    from quantflow.config.reference import field_rows
 
+    described = {row.path: row.description for row in field_rows(model)}
     for flag, path, options in flags:
         parser.add_argument(flag, metavar=path.rsplit(".", 1)[-1].upper(),
-                            help=f"{path}: {description(model, path)}".replace("%", "%%"), **options)
+                            help=f"{path}: {described[path]}".replace("%", "%%"), **options)
 
 
 def cmd_fields(args: argparse.Namespace) -> int:

@@ -219,8 +219,6 @@ def test_quantize_reports_decoder_layer_k_of_n(stage_inputs, tmp_path, caplog):
 
 
 def test_cli_progress_line_rewrites_one_line_per_stage():
-    import io
-
     from quantflow.cli import ProgressLine
     from quantflow.progress import stage_progress
 

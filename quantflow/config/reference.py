@@ -115,11 +115,6 @@ def select(rows: list[FieldRow], prefix: str, what: str = "PipelineConfig") -> l
     return chosen
 
 
-def description(model: type[BaseModel], path: str) -> str:
-    """One field's description (the command-line flags' help text)."""
-    return select(field_rows(model), path, model.__name__)[0].description
-
-
 def render_text(rows: list[FieldRow]) -> str:
     import textwrap
 
