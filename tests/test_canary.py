@@ -25,6 +25,9 @@ from quantflow.serving.registry import DeploymentRegistry
 from quantflow.tasks.deploy import CANARY_STATE, CanaryRolledBack, deploy_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving, needs_serving,
+              # A shadow comparison that dies in its thread (e.g. its client closed under it
+              # at the end of a step) fails the test instead of passing with a warning.
+              pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
               pytest.mark.skipif(nginx_binary() is None,
                                  reason="nginx missing: run `make system-packages` (nginx-light)")]
 KEY_ENV, KEY = "QUANTFLOW_CANARY_TEST_KEY", "canary-key-789"

@@ -68,7 +68,13 @@ class ShadowComparer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-        self.queue.put(("", {}))  # wakes the worker to exit
+        with self.lock:
+            while not self.queue.empty():  # nothing queued is judged any more
+                self.queue.get_nowait()
+            self.queue.put_nowait(("", {}))  # wakes the worker to exit
+        # The comparison in flight finishes (each side bounded by the client's timeout)
+        # before its client closes under it.
+        self._threads[1].join(timeout=2 * self.http.timeout.read + 5 if self.http.timeout.read else 30)
         self.http.close()
 
     def next_step(self) -> dict[str, Any]:
