@@ -12,7 +12,7 @@ from quantflow.config import MonitorConfig
 from quantflow.monitoring import vllm_metrics
 from quantflow.monitoring.alerts import raise_alert
 from quantflow.monitoring.probes import run_probes
-from quantflow.monitoring.state import load_state, save_state
+from quantflow.monitoring.state import MonitorState, load_state, save_state
 from quantflow.serving.health import CompletionsClient
 from quantflow.storage.store import ArtifactStore
 
@@ -60,6 +60,21 @@ def slow_probes(answered: list[dict], expected: dict | None, cfg: MonitorConfig)
     return slow
 
 
+def server_id(record: dict) -> str:
+    """One server process: a new revision (or a restart the record knows of) is another."""
+    return f"{record.get('revision')}:{record.get('pid')}:{record.get('upstream_url', record['base_url'])}"
+
+
+def latency_baseline(state: MonitorState, record: dict) -> dict:
+    """The vLLM histograms the round measures from: the previous round's scrape of this same
+    server, or else the one the deploy stage took when this server was released (its health
+    and fidelity requests are not production traffic). A scrape of the server a rollout
+    replaced says nothing about this one's counters."""
+    if state.vllm_snapshot and state.vllm_snapshot_server == server_id(record):
+        return state.vllm_snapshot
+    return record.get("vllm_snapshot") or {}
+
+
 def monitor_round(record: dict, cfg: MonitorConfig) -> dict[str, Any]:
     """Probe the deployment described by `record` (a deployment registry entry) once."""
     store = ArtifactStore(state_uri(record, cfg))
@@ -92,10 +107,10 @@ def monitor_round(record: dict, cfg: MonitorConfig) -> dict[str, Any]:
     p99 = None
     try:
         snap = vllm_metrics.scrape(record["base_url"])
-        before = state.vllm_snapshot or {}
+        before = latency_baseline(state, record)
         p99 = vllm_metrics.quantile(before.get("vllm:e2e_request_latency_seconds", {}),
                                     snap["vllm:e2e_request_latency_seconds"], 0.99)
-        state.vllm_snapshot = snap
+        state.vllm_snapshot, state.vllm_snapshot_server = snap, server_id(record)
     except httpx.HTTPError as err:
         log.warning("monitor: could not scrape %s/metrics: %s", record["base_url"], err)
     limit_s, basis = latency_limit(record, cfg)

@@ -42,6 +42,7 @@ class MonitorState(BaseModel):
     alerts: dict[str, int] = {}  # severity -> count
     alert_log: list[dict[str, Any]] = []
     vllm_snapshot: dict[str, Any] | None = None  # last scrape of vLLM's latency histogram
+    vllm_snapshot_server: str | None = None  # the server it came from (server_id)
 
     def observe_latency(self, operation: str, seconds: float) -> None:
         self.latency.setdefault(operation, Histogram()).observe(seconds)

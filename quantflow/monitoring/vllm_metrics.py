@@ -29,6 +29,8 @@ def quantile(before: dict[str, float], after: dict[str, float], q: float) -> flo
     """q-quantile of the requests observed between two cumulative bucket snapshots: the
     upper bound of the first bucket whose cumulative share reaches q (Prometheus'
     histogram_quantile without interpolation, so it never reports below a bucket edge)."""
+    if after.get("+Inf", 0.0) < before.get("+Inf", 0.0):
+        before = {}  # the counters fell: the server restarted since, and counts from zero
     edges = sorted(after, key=lambda le: float("inf") if le == "+Inf" else float(le))
     total = after.get("+Inf", 0.0) - before.get("+Inf", 0.0)
     if total <= 0:
@@ -37,3 +39,13 @@ def quantile(before: dict[str, float], after: dict[str, float], q: float) -> flo
         if (after[le] - before.get(le, 0.0)) >= q * total:
             return float("inf") if le == "+Inf" else float(le)
     return float("inf")
+
+
+def release_snapshot(base_url: str) -> dict[str, dict[str, float]] | None:
+    """The histograms as the deploy stage leaves a new server, before it takes traffic: the
+    first monitoring round measures from here, so the deploy's own requests (the first,
+    cold one can take 20 s on a CPU) are not counted as production latency."""
+    try:
+        return scrape(base_url)
+    except httpx.HTTPError:
+        return None

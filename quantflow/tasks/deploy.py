@@ -20,6 +20,7 @@ from pathlib import Path
 from prefect import task
 
 from quantflow.storage.artifacts import fetch_quantized
+from quantflow.monitoring.vllm_metrics import release_snapshot
 from quantflow.config import DeployConfig, MonitorConfig
 from quantflow.errors import StageError
 from quantflow.storage.manifests import QuantizedManifest, ValidationManifest, now
@@ -184,6 +185,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
             finally:
                 client.close()
             fidelity = check_served_fidelity(report, spec.base_url, served_name, deploy)
+            released_at = release_snapshot(spec.base_url)
         except FidelityFailed as err:
             server.stop()
             raise StageError(STAGE, f"the new server does not serve the model validate judged; {keeps}. "
@@ -243,7 +245,7 @@ def deploy_model(deploy: DeployConfig, quantized: QuantizedManifest,
                   "monitor": monitor.model_dump(mode="json") if monitor else None,
                   "auth": bool(api_key(deploy)), "api_key_env": deploy.api_key_env,
                   "golden": list(golden or []), "performance": expectation(report),
-                  "release": release, "rollout": rollout, **(note or {})}
+                  "release": release, "rollout": rollout, "vllm_snapshot": released_at, **(note or {})}
         if proxy is not None:
             # Clients (and monitoring) use the stable address; the server's own is upstream_url.
             record.update(base_url=proxy.base_url, upstream_url=spec.base_url, proxy=proxy.record())
