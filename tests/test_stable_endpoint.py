@@ -29,14 +29,15 @@ def nginx_masters(prefix: str) -> list[int]:
             if "nginx: master" in (cmd := " ".join(p.info["cmdline"] or [])) and prefix in cmd]
 
 
-def test_rollout_under_load_keeps_the_address_and_fails_no_request(validated_served, monkeypatch):
+def test_rollout_under_load_keeps_the_address_and_fails_no_request(validated_served, monkeypatch, tmp_path):
     v = validated_served
+    out = str(tmp_path)  # deployment.json of its own: the session's live deployment owns v["out"]'s
     monkeypatch.setenv(KEY_ENV, KEY)
     deploy = v["config"].deploy.model_copy(update={"port": free_port(), "proxy": "nginx",
                                                    "api_key_env": KEY_ENV})
     name = "stable"
     try:
-        first = deploy_model(deploy, v["quantized"], v["validation"], str(v["out"]), name,
+        first = deploy_model(deploy, v["quantized"], v["validation"], out, name,
                              golden=v["checkpoint"].golden)
         base = first["base_url"]
         assert base == f"http://127.0.0.1:{deploy.port}" and first["upstream_url"] != base
@@ -45,7 +46,7 @@ def test_rollout_under_load_keeps_the_address_and_fails_no_request(validated_ser
         model = first["served_model_name"]
 
         second, results, rollout_start, rollout_end = under_load(
-            base, model, lambda: deploy_model(deploy, v["quantized"], v["validation"], str(v["out"]), name,
+            base, model, lambda: deploy_model(deploy, v["quantized"], v["validation"], out, name,
                                               golden=v["checkpoint"].golden), "rollout", KEY)
         failures = [r for r in results if not r["ok"]]
         old_up, new_up = (rec["upstream_url"].removeprefix("http://") for rec in (first, second))
